@@ -1,0 +1,9 @@
+"""edgeinfer: a small client for the edgeinferd inference daemon.
+
+Imports grpcio, protobuf and numpy only; never torch.
+"""
+
+from edgeinfer.client import AsyncClient, Client, EdgeInferError, ModelInfo, StreamResult
+
+__version__ = "0.1.0"
+__all__ = ["AsyncClient", "Client", "EdgeInferError", "ModelInfo", "StreamResult"]

@@ -1,0 +1,395 @@
+"""Blocking and asyncio clients for edgeinferd.
+
+Both speak the same protocol through the same conversion helpers; each
+method is a thin wrapper: numpy in, protobuf over gRPC, numpy out. Every
+failure raises ``EdgeInferError`` carrying the gRPC status code and message.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from edgeinfer.tensors import DTYPE_NAMES, from_proto, to_proto
+from edgeinfer.v1 import health_pb2, inference_pb2, inference_pb2_grpc
+
+DEFAULT_ADDRESS = "unix:///run/edgeinfer/edgeinfer.sock"
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+_STATE_NAMES = {v: k for k, v in inference_pb2.ModelState.items()}
+
+Inputs = Mapping[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+
+
+class EdgeInferError(Exception):
+    """A call failed; ``code`` is the gRPC status, ``message`` the daemon's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        super().__init__(f"{code.name}: {message}")
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> EdgeInferError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(code, details or "")
+
+    @classmethod
+    def from_stream(cls, error: inference_pb2.Error, request_id: str) -> EdgeInferError:
+        code = next(
+            (c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN
+        )
+        return cls(code, error.message, request_id)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    #: -1 marks a variable dimension (the batch, for batched models).
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    state: str
+    format: str
+    size_bytes: int
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    state: str
+    reason: str
+    serving_version: str
+    versions: list[VersionInfo]
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    max_batch_size: int
+    generative: bool
+
+    @classmethod
+    def from_proto(cls, info: inference_pb2.ModelInfo) -> ModelInfo:
+        from google.protobuf.json_format import MessageToDict
+
+        def specs(items: Iterable[Any]) -> list[TensorInfo]:
+            return [
+                TensorInfo(s.name, DTYPE_NAMES.get(s.dtype, "?"), tuple(s.shape)) for s in items
+            ]
+
+        return cls(
+            name=info.name,
+            state=_STATE_NAMES.get(info.state, "UNKNOWN"),
+            reason=info.reason,
+            serving_version=info.serving_version,
+            versions=[
+                VersionInfo(
+                    v.version,
+                    _STATE_NAMES.get(v.state, "UNKNOWN"),
+                    v.format,
+                    v.size_bytes,
+                    MessageToDict(v.manifest),
+                )
+                for v in info.versions
+            ],
+            inputs=specs(info.inputs),
+            outputs=specs(info.outputs),
+            max_batch_size=info.max_batch_size,
+            generative=info.generative,
+        )
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One answer on a stream: outputs, or the error for that message alone."""
+
+    id: str
+    outputs: Outputs | None = None
+    error: EdgeInferError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """PEM bytes: the CA that signed the daemon's cert; a client cert+key for mutual TLS."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    #: Name to check the server certificate against (when not the address's host).
+    server_name: str | None = None
+
+
+def normalize_address(address: str) -> str:
+    """Accept ``unix:///abs``, ``unix:rel.sock``, ``host:port`` and bare paths."""
+    if address.startswith(("/", "./", "../")):
+        return f"unix:{address}"
+    return address
+
+
+def _channel_options(max_message_bytes: int, tls: TlsOptions | None) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if tls is not None and tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return options
+
+
+def _credentials(tls: TlsOptions) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls.root_certificates,
+        private_key=tls.private_key,
+        certificate_chain=tls.certificate_chain,
+    )
+
+
+def build_request(
+    model: str,
+    inputs: Inputs,
+    version: str = "",
+    request_id: str = "",
+    outputs: Iterable[str] = (),
+) -> inference_pb2.PredictRequest:
+    request = inference_pb2.PredictRequest(model=model, version=version, id=request_id)
+    for name, array in inputs.items():
+        to_proto(name, array, request.inputs.add())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def decode_outputs(response: inference_pb2.PredictResponse) -> Outputs:
+    return {tensor.name: from_proto(tensor) for tensor in response.outputs}
+
+
+def decode_stream_result(message: inference_pb2.PredictStreamResponse) -> StreamResult:
+    if message.HasField("error"):
+        return StreamResult(message.id, error=EdgeInferError.from_stream(message.error, message.id))
+    return StreamResult(message.id, outputs=decode_outputs(message.response))
+
+
+def _health_request(service: str) -> health_pb2.HealthCheckRequest:
+    return health_pb2.HealthCheckRequest(service=service)
+
+
+def _health_name(response: health_pb2.HealthCheckResponse) -> str:
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+class Client:
+    """Blocking client. One channel, reused for every call; close() or use ``with``."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = None,
+        tls: TlsOptions | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.address = normalize_address(address)
+        self.timeout = timeout
+        options = _channel_options(max_message_bytes, tls)
+        if tls is None:
+            self._channel = grpc.insecure_channel(self.address, options=options)
+        else:
+            self._channel = grpc.secure_channel(self.address, _credentials(tls), options=options)
+        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+        self._health = self._channel.unary_unary(
+            _HEALTH_CHECK,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        self._ids = itertools.count(1)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as error:
+            raise EdgeInferError.from_rpc(error) from None
+
+    def predict(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: str = "",
+        outputs: Iterable[str] = (),
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Outputs:
+        """Run one request; returns the outputs by name."""
+        request = build_request(model, inputs, version, request_id, outputs)
+        return decode_outputs(self._call(self._stub.Predict, request, timeout))
+
+    def stream(
+        self,
+        model: str,
+        batches: Iterable[Inputs],
+        *,
+        version: str = "",
+        timeout: float | None = None,
+    ) -> Iterator[StreamResult]:
+        """Send each batch over one stream; yields results in the same order.
+
+        A bad batch yields a result whose ``error`` is set; the stream goes on.
+        """
+        ids = (str(next(self._ids)) for _ in itertools.repeat(None))
+        requests = (build_request(model, b, version, next(ids)) for b in batches)
+        try:
+            for message in self._stub.PredictStream(
+                requests, timeout=timeout if timeout is not None else self.timeout
+            ):
+                yield decode_stream_result(message)
+        except grpc.RpcError as error:
+            raise EdgeInferError.from_rpc(error) from None
+
+    def list_models(self) -> list[ModelInfo]:
+        response = self._call(self._stub.ListModels, inference_pb2.ListModelsRequest(), None)
+        return [ModelInfo.from_proto(m) for m in response.models]
+
+    def get_model(self, name: str) -> ModelInfo:
+        request = inference_pb2.GetModelRequest(name=name)
+        return ModelInfo.from_proto(self._call(self._stub.GetModel, request, None))
+
+    def load_model(self, name: str, timeout: float | None = None) -> ModelInfo:
+        request = inference_pb2.LoadModelRequest(name=name)
+        return ModelInfo.from_proto(self._call(self._stub.LoadModel, request, timeout))
+
+    def unload_model(self, name: str, timeout: float | None = None) -> ModelInfo:
+        request = inference_pb2.UnloadModelRequest(name=name)
+        return ModelInfo.from_proto(self._call(self._stub.UnloadModel, request, timeout))
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """'SERVING', 'NOT_SERVING', ... for the daemon ("") or one model by name."""
+        return _health_name(self._call(self._health, _health_request(service), timeout))
+
+
+class AsyncClient:
+    """asyncio client; create it inside a running event loop and ``await close()``."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = None,
+        tls: TlsOptions | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.address = normalize_address(address)
+        self.timeout = timeout
+        options = _channel_options(max_message_bytes, tls)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.address, _credentials(tls), options=options
+            )
+        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+        self._health = self._channel.unary_unary(
+            _HEALTH_CHECK,
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        self._ids = itertools.count(1)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as error:
+            raise EdgeInferError.from_rpc(error) from None
+
+    async def predict(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: str = "",
+        outputs: Iterable[str] = (),
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Outputs:
+        request = build_request(model, inputs, version, request_id, outputs)
+        return decode_outputs(await self._call(self._stub.Predict, request, timeout))
+
+    async def stream(
+        self,
+        model: str,
+        batches: AsyncIterable[Inputs] | Iterable[Inputs],
+        *,
+        version: str = "",
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamResult]:
+        """Send each batch over one stream; yields results in the same order."""
+
+        async def requests() -> AsyncIterator[inference_pb2.PredictRequest]:
+            if isinstance(batches, AsyncIterable):
+                async for batch in batches:
+                    yield build_request(model, batch, version, str(next(self._ids)))
+            else:
+                for batch in batches:
+                    yield build_request(model, batch, version, str(next(self._ids)))
+
+        call = self._stub.PredictStream(
+            requests(), timeout=timeout if timeout is not None else self.timeout
+        )
+        try:
+            async for message in call:
+                yield decode_stream_result(message)
+        except grpc.RpcError as error:
+            raise EdgeInferError.from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    async def list_models(self) -> list[ModelInfo]:
+        response = await self._call(self._stub.ListModels, inference_pb2.ListModelsRequest(), None)
+        return [ModelInfo.from_proto(m) for m in response.models]
+
+    async def get_model(self, name: str) -> ModelInfo:
+        request = inference_pb2.GetModelRequest(name=name)
+        return ModelInfo.from_proto(await self._call(self._stub.GetModel, request, None))
+
+    async def load_model(self, name: str, timeout: float | None = None) -> ModelInfo:
+        request = inference_pb2.LoadModelRequest(name=name)
+        return ModelInfo.from_proto(await self._call(self._stub.LoadModel, request, timeout))
+
+    async def unload_model(self, name: str, timeout: float | None = None) -> ModelInfo:
+        request = inference_pb2.UnloadModelRequest(name=name)
+        return ModelInfo.from_proto(await self._call(self._stub.UnloadModel, request, timeout))
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        return _health_name(await self._call(self._health, _health_request(service), timeout))

@@ -1,0 +1,5 @@
+import sys
+
+from edgeinferd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,181 @@
+"""The transport-free data plane: what every protocol adapter calls.
+
+A request arrives here already decoded into numpy arrays; the data plane
+checks them against the model's declared inputs, queues them on the model's
+batcher and returns named outputs. The gRPC servicers only convert protobuf
+and delegate here, so validation, batching and execution exist once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+
+from edgeinfer.tensors import shape_repr
+from edgeinferd.errors import InvalidInput, ModelExecutionError, PermissionDenied
+from edgeinferd.models import LoadedVersion, ModelEntry, ModelManager
+from edgeinferd.repository import ModelConfig, check_model_name
+
+log = structlog.get_logger("edgeinferd.dataplane")
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    model: str
+    inputs: Mapping[str, np.ndarray]
+    version: str = ""
+    id: str = ""
+    #: Names of the outputs wanted; empty means all.
+    outputs: Sequence[str] = ()
+    #: A time.monotonic() instant after which the call is not worth running.
+    deadline: float | None = None
+
+
+@dataclass(slots=True)
+class InferenceResponse:
+    model: str
+    version: str
+    id: str
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """What the data plane may know about who is calling."""
+
+    via_unix_socket: bool = True
+
+
+class DataPlane:
+    def __init__(self, models: ModelManager, management: str = "all") -> None:
+        self.models = models
+        self.management = management
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        loaded = self.models.serving(request.model, request.version)
+        arrays = validate_inputs(loaded.config, request.inputs)
+        wanted = select_outputs(loaded.config, request.outputs)
+        try:
+            results = await loaded.batcher.submit(arrays, request.deadline)
+        except ModelExecutionError as error:
+            log.error(
+                "forward pass failed",
+                model=request.model,
+                version=loaded.version,
+                request_id=request.id,
+                error=str(error),
+                cause=repr(error.__cause__) if error.__cause__ else None,
+            )
+            raise
+        names = loaded.runner.output_names
+        return InferenceResponse(
+            model=request.model,
+            version=loaded.version,
+            id=request.id,
+            outputs={names[i]: results[i] for i in wanted},
+        )
+
+    # -- model management ----------------------------------------------------
+
+    def list_models(self) -> list[ModelEntry]:
+        return self.models.entries()
+
+    def get_model(self, name: str) -> ModelEntry:
+        return self.models.entry(name)
+
+    async def load_model(self, name: str, caller: Caller) -> ModelEntry:
+        self._check_management(caller, "load")
+        return await self.models.load(check_model_name(name))
+
+    async def unload_model(self, name: str, caller: Caller) -> ModelEntry:
+        self._check_management(caller, "unload")
+        return await self.models.unload(check_model_name(name))
+
+    def serving(self, name: str, version: str = "") -> LoadedVersion:
+        return self.models.serving(name, version)
+
+    def _check_management(self, caller: Caller, action: str) -> None:
+        if self.management == "none":
+            raise PermissionDenied(
+                f"{action} is disabled on this daemon (management.allow = 'none')"
+            )
+        if self.management == "unix" and not caller.via_unix_socket:
+            raise PermissionDenied(
+                f"{action} is only allowed over the Unix socket (management.allow = 'unix')"
+            )
+
+
+def validate_inputs(config: ModelConfig, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Check names, dtypes and shapes against the config; arrays in config order.
+
+    Every message names the tensor, what came and what was expected.
+    """
+    expected_names = [spec.name for spec in config.inputs]
+    for name in inputs:
+        if name not in expected_names:
+            raise InvalidInput(
+                f"model {config.name!r} has no input {name!r}; it takes {', '.join(expected_names)}"
+            )
+    arrays = []
+    batch_rows: int | None = None
+    for spec in config.inputs:
+        array = inputs.get(spec.name)
+        expected = (-1, *spec.shape) if config.batched else spec.shape
+        if array is None:
+            raise InvalidInput(
+                f"model {config.name!r} input {spec.name!r} is missing;"
+                f" expected {spec.dtype}{shape_repr(expected)}"
+            )
+        if array.dtype != np.dtype(spec.dtype):
+            raise InvalidInput(
+                f"input {spec.name!r} has dtype {array.dtype};"
+                f" model {config.name!r} expects {spec.dtype}"
+            )
+        shape = array.shape
+        if len(shape) != len(expected) or any(
+            e != -1 and e != s for e, s in zip(expected, shape, strict=True)
+        ):
+            raise InvalidInput(
+                f"input {spec.name!r} has shape {shape_repr(shape)}; model {config.name!r}"
+                f" expects {shape_repr(expected)}"
+                + (" (the first dimension is the batch)" if config.batched else "")
+            )
+        if config.batched:
+            rows = shape[0]
+            if not 1 <= rows <= config.max_batch_size:
+                raise InvalidInput(
+                    f"input {spec.name!r} has a batch of {rows}; model {config.name!r} takes"
+                    f" 1 to {config.max_batch_size} rows per call"
+                )
+            if batch_rows is not None and rows != batch_rows:
+                raise InvalidInput(
+                    f"input {spec.name!r} has a batch of {rows};"
+                    f" the other inputs have {batch_rows}"
+                )
+            batch_rows = rows
+        arrays.append(array)
+    return arrays
+
+
+def select_outputs(config: ModelConfig, wanted: Sequence[str]) -> list[int]:
+    """Indices of the requested outputs (all when none are named)."""
+    names = [spec.name for spec in config.outputs]
+    if not wanted:
+        return list(range(len(names)))
+    indices = []
+    for name in wanted:
+        if name not in names:
+            raise InvalidInput(
+                f"model {config.name!r} has no output {name!r}; it returns {', '.join(names)}"
+            )
+        indices.append(names.index(name))
+    return indices
+
+
+def monotonic_deadline(time_remaining: float | None) -> float | None:
+    """Turn a gRPC-style 'seconds left' into a monotonic instant."""
+    return None if time_remaining is None else time.monotonic() + time_remaining

@@ -1,0 +1,1 @@
+"""Protocol adapters: convert protobuf to data-plane calls and back, nothing more."""

@@ -1,0 +1,40 @@
+"""The one table from data-plane errors to gRPC status codes.
+
+Client mistakes map to precise codes; anything unexpected becomes INTERNAL
+with the request id, logged with its traceback, never shown to the caller.
+"""
+
+from __future__ import annotations
+
+import grpc
+import structlog
+
+from edgeinfer.tensors import TensorError
+from edgeinferd import errors
+
+log = structlog.get_logger("edgeinferd.protocol")
+
+GRPC_CODES: dict[type[Exception], grpc.StatusCode] = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    TensorError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.ModelExecutionError: grpc.StatusCode.INTERNAL,
+    # A model whose files are wrong cannot be loaded until someone fixes them.
+    errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_for(error: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status code and caller-facing message for an exception."""
+    for kind in type(error).__mro__:
+        code = GRPC_CODES.get(kind)  # type: ignore[call-overload]
+        if code is not None:
+            return code, str(error)
+    log.exception("unexpected error", request_id=request_id, exc_info=error)
+    suffix = f" (request id {request_id!r})" if request_id else ""
+    return grpc.StatusCode.INTERNAL, f"internal error{suffix}; the daemon's log has the details"

@@ -1,0 +1,190 @@
+"""The edgeinfer.v1 gRPC service: protobuf in, data-plane call, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from edgeinfer.tensors import DTYPES_BY_NAME, from_proto, to_proto
+from edgeinfer.v1 import inference_pb2 as pb
+from edgeinfer.v1 import inference_pb2_grpc
+from edgeinferd.dataplane import Caller, DataPlane, InferenceRequest, monotonic_deadline
+from edgeinferd.errors import InvalidInput
+from edgeinferd.models import ModelEntry
+from edgeinferd.protocol.status import status_for
+
+#: Messages of one stream being worked on at once; reading pauses beyond it.
+STREAM_PIPELINE_DEPTH = 64
+
+_STATES = {"READY": pb.READY, "LOADING": pb.LOADING, "FAILED": pb.FAILED, "UNLOADED": pb.UNLOADED}
+
+
+def decode_request(message: pb.PredictRequest, time_remaining: float | None) -> InferenceRequest:
+    inputs = {}
+    for tensor in message.inputs:
+        if not tensor.name:
+            raise InvalidInput("an input tensor has an empty name")
+        if tensor.name in inputs:
+            raise InvalidInput(f"input {tensor.name!r} appears twice")
+        if tensor.HasField("shared_memory"):
+            raise InvalidInput(
+                f"input {tensor.name!r} refers to shared-memory region"
+                f" {tensor.shared_memory.region!r}, which is not registered"
+            )
+        inputs[tensor.name] = from_proto(tensor)
+    return InferenceRequest(
+        model=message.model,
+        version=message.version,
+        id=message.id,
+        inputs=inputs,
+        outputs=[o.name for o in message.outputs],
+        deadline=monotonic_deadline(time_remaining),
+    )
+
+
+def model_info(entry: ModelEntry, dataplane: DataPlane) -> pb.ModelInfo:
+    info = pb.ModelInfo(name=entry.name, state=_STATES[entry.state.value], reason=entry.reason)
+    config = entry.serving.config if entry.serving else entry.config
+    if config is not None:
+        batch = (-1,) if config.batched else ()
+        for specs, field in ((config.inputs, info.inputs), (config.outputs, info.outputs)):
+            for spec in specs:
+                field.add(
+                    name=spec.name, dtype=DTYPES_BY_NAME[spec.dtype], shape=batch + spec.shape
+                )  # type: ignore[arg-type]
+        info.max_batch_size = config.max_batch_size
+        info.generative = config.generation is not None
+    serving = entry.serving
+    if serving is not None:
+        info.serving_version = serving.version
+    try:
+        on_disk = dataplane.models.repository.versions(entry.name)
+    except Exception:
+        on_disk = []
+    for version in on_disk:
+        item = info.versions.add(version=version, state=pb.UNLOADED)
+        if serving is not None and version == serving.version:
+            item.state = pb.READY
+            item.format = serving.files.format
+            item.size_bytes = serving.size_bytes
+            if serving.files.manifest:
+                item.manifest.update(_json_safe(serving.files.manifest))
+    return info
+
+
+def _json_safe(value: Any) -> Any:
+    """Struct holds JSON values only; numbers become floats there anyway."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def caller_of(context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+    return Caller(via_unix_socket=context.peer().startswith("unix:"))
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def _respond(
+        self, message: pb.PredictRequest, time_remaining: float | None
+    ) -> pb.PredictResponse:
+        request = decode_request(message, time_remaining)
+        result = await self.dataplane.infer(request)
+        response = pb.PredictResponse(model=result.model, version=result.version, id=result.id)
+        for name, array in result.outputs.items():
+            to_proto(name, array, response.outputs.add())
+        return response
+
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PredictResponse:
+        try:
+            return await self._respond(request, context.time_remaining())
+        except Exception as error:
+            code, message = status_for(error, request.id)
+            await context.abort(code, message)
+            raise  # abort raises; this line is never reached
+
+    async def PredictStream(
+        self,
+        request_iterator: AsyncIterator[pb.PredictRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.PredictStreamResponse]:
+        """Answer in request order while up to STREAM_PIPELINE_DEPTH messages run at once."""
+        pending: asyncio.Queue[asyncio.Task[pb.PredictStreamResponse] | None] = asyncio.Queue(
+            STREAM_PIPELINE_DEPTH
+        )
+
+        async def one(message: pb.PredictRequest) -> pb.PredictStreamResponse:
+            try:
+                response = await self._respond(message, context.time_remaining())
+                return pb.PredictStreamResponse(id=message.id, response=response)
+            except Exception as error:
+                code, text = status_for(error, message.id)
+                return pb.PredictStreamResponse(
+                    id=message.id, error=pb.Error(code=code.value[0], message=text)
+                )
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    await pending.put(asyncio.ensure_future(one(message)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader  # surfaces a transport error from reading
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                leftover = pending.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListModelsResponse:
+        entries = self.dataplane.list_models()
+        return pb.ListModelsResponse(models=[model_info(e, self.dataplane) for e in entries])
+
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelInfo:
+        try:
+            return model_info(self.dataplane.get_model(request.name), self.dataplane)
+        except Exception as error:
+            await context.abort(*status_for(error))
+            raise
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelInfo:
+        try:
+            entry = await self.dataplane.load_model(request.name, caller_of(context))
+            return model_info(entry, self.dataplane)
+        except Exception as error:
+            await context.abort(*status_for(error))
+            raise
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelInfo:
+        try:
+            entry = await self.dataplane.unload_model(request.name, caller_of(context))
+            return model_info(entry, self.dataplane)
+        except Exception as error:
+            await context.abort(*status_for(error))
+            raise
+
+
+__all__ = ["InferenceServicer", "decode_request", "model_info"]

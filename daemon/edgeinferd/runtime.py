@@ -1,0 +1,158 @@
+"""Loading an artifact and running its forward pass: the only module that calls torch.
+
+A ``Runner`` turns numpy arrays (in the config's input order) into named numpy
+outputs. It is synchronous and thread-safe; the batcher calls it from worker
+threads, never from the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeinferd.errors import ConfigError, ModelExecutionError
+from edgeinferd.repository import ModelConfig, TensorSpec, VersionFiles, verify_artifact
+
+# Inputs decoded from request bytes are read-only views; models do not write
+# into their inputs, so handing torch the view (no copy) is safe.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+_thread_state = threading.local()
+
+
+def load_module(files: VersionFiles) -> Any:
+    """Load an artifact without unpickling arbitrary objects.
+
+    TorchScript archives and ExportedPrograms carry code in restricted
+    formats; a pickled ``nn.Module`` (``torch.save(model)``) is refused.
+    """
+    verify_artifact(files)
+    where = f"{files.folder.parent.name}/{files.version}/{files.artifact.name}"
+    try:
+        if files.format == "torchscript":
+            module = torch.jit.load(str(files.artifact), map_location="cpu")
+            module.eval()
+            return module
+        program = torch.export.load(str(files.artifact))
+        return program.module()
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if files.format == "torchscript" and "constants.pkl" in str(error):
+            reason = "not a TorchScript archive (pickled modules are refused; use torch.jit.save)"
+        raise ConfigError(where, "", f"cannot load {files.format} artifact: {reason}") from None
+
+
+class Runner:
+    """One loaded model version's forward pass, numpy in and numpy out."""
+
+    def __init__(self, config: ModelConfig, module: Any) -> None:
+        self.config = config
+        self.module = module
+        self.output_names = [spec.name for spec in config.outputs]
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run one forward pass; outputs in the config's order.
+
+        Raises ModelExecutionError if the model raises or returns something
+        that does not match its config.
+        """
+        if getattr(_thread_state, "threads", None) != self.config.threads:
+            torch.set_num_threads(self.config.threads)
+            _thread_state.threads = self.config.threads
+        tensors = [torch.from_numpy(array) for array in inputs]
+        try:
+            with torch.inference_mode():
+                result = self.module(*tensors)
+        except Exception as error:
+            message = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+            raise ModelExecutionError(
+                f"model {self.config.name!r} failed in its forward pass: {type(error).__name__}"
+                + (f": {message}" if message else "")
+            ) from error
+        return self._outputs(result)
+
+    def _outputs(self, result: Any) -> list[np.ndarray]:
+        if isinstance(result, torch.Tensor):
+            values = [result]
+        elif isinstance(result, (tuple, list)):
+            values = list(result)
+        elif isinstance(result, dict):
+            missing = [name for name in self.output_names if name not in result]
+            if missing:
+                raise ModelExecutionError(
+                    f"model {self.config.name!r} returned no output {missing[0]!r}"
+                    f" (it returned {sorted(result)})"
+                )
+            values = [result[name] for name in self.output_names]
+        else:
+            raise ModelExecutionError(
+                f"model {self.config.name!r} returned {type(result).__name__};"
+                " expected a tensor, a tuple of tensors or a dict of tensors"
+            )
+        if len(values) != len(self.output_names):
+            raise ModelExecutionError(
+                f"model {self.config.name!r} returned {len(values)} outputs;"
+                f" its config declares {len(self.output_names)}"
+            )
+        arrays = []
+        for spec, value in zip(self.config.outputs, values, strict=True):
+            if not isinstance(value, torch.Tensor):
+                raise ModelExecutionError(
+                    f"model {self.config.name!r} output {spec.name!r} is {type(value).__name__},"
+                    " not a tensor"
+                )
+            arrays.append(value.detach().contiguous().numpy())
+        return arrays
+
+    def warm_up(self) -> None:
+        """Run one pass on zeros so the first real call is not slow, and check
+        that what the model returns matches its config."""
+        batch = (1,) if self.config.batched else ()
+        inputs = [example_input(spec, batch) for spec in self.config.inputs]
+        try:
+            outputs = self.run(inputs)
+        except ModelExecutionError as error:
+            raise ConfigError(
+                f"{self.config.name}/config.toml", "inputs", f"warm-up failed: {error}"
+            ) from None
+        for spec, array in zip(self.config.outputs, outputs, strict=True):
+            check_output(self.config, spec, array, batch)
+
+
+def example_input(spec: TensorSpec, batch: tuple[int, ...]) -> np.ndarray:
+    shape = batch + tuple(1 if dim == -1 else dim for dim in spec.shape)
+    return np.zeros(shape, dtype=spec.dtype)
+
+
+def check_output(
+    config: ModelConfig, spec: TensorSpec, array: np.ndarray, batch: tuple[int, ...]
+) -> None:
+    where = f"{config.name}/config.toml"
+    if array.dtype != np.dtype(spec.dtype):
+        raise ConfigError(
+            where, "outputs", f"output {spec.name!r} is {array.dtype}; the config says {spec.dtype}"
+        )
+    expected = batch + spec.shape
+    matches = len(array.shape) == len(expected) and all(
+        e in (-1, a) for e, a in zip(expected, array.shape, strict=True)
+    )
+    if not matches:
+        raise ConfigError(
+            where,
+            "outputs",
+            f"output {spec.name!r} has shape {list(array.shape)} for a warm-up input;"
+            f" the config says {list(spec.shape)}"
+            + (" after the batch dimension" if batch else ""),
+        )
+
+
+def load_runner(config: ModelConfig, files: VersionFiles) -> Runner:
+    """Load, check and warm up one version; ConfigError says why it can't be served."""
+    runner = Runner(config, load_module(files))
+    runner.warm_up()
+    return runner

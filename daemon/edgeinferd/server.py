@@ -1,0 +1,205 @@
+"""The gRPC server: binds its sockets, serves the data plane, shuts down gracefully.
+
+Like grpclib's server, ``start()`` returns once the sockets are bound and the
+models are loaded; ``close()`` begins a graceful stop and ``wait_closed()``
+waits for it, so callers (the CLI, tests, embedders) control each step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import os
+import socket
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edgeinfer.v1 import inference_pb2, inference_pb2_grpc
+from edgeinferd.config import DaemonConfig
+from edgeinferd.dataplane import DataPlane
+from edgeinferd.errors import EdgeInferError
+from edgeinferd.models import ModelEntry, ModelManager, ModelState
+from edgeinferd.protocol.v1 import InferenceServicer
+from edgeinferd.repository import Repository
+
+log = structlog.get_logger("edgeinferd.server")
+
+
+class StartupError(EdgeInferError):
+    """The daemon cannot start (socket in use, bad TLS files...); one-line reason."""
+
+
+class Server:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="forward")
+        self.health = health.aio.HealthServicer()
+        self.models = ModelManager(
+            Repository(config.repository), self.executor, self._model_changed
+        )
+        self.dataplane = DataPlane(self.models, config.management)
+        self.tcp_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._closed = asyncio.Event()
+        self._closing: asyncio.Task[None] | None = None
+
+    @property
+    def addresses(self) -> list[str]:
+        """Where callers can reach the daemon (for logs and STATUS=)."""
+        result = []
+        if self.config.listen.unix is not None:
+            result.append(f"unix://{self.config.listen.unix}")
+        if self.tcp_port is not None and self.config.listen.tcp is not None:
+            host = self.config.listen.tcp.rpartition(":")[0]
+            result.append(f"{host}:{self.tcp_port}")
+        return result
+
+    def status_line(self) -> str:
+        entries = self.models.entries()
+        ready = [e.name for e in entries if e.state is ModelState.READY]
+        failed = [e.name for e in entries if e.state is ModelState.FAILED]
+        line = f"serving {len(ready)} model(s)" + (f": {', '.join(ready)}" if ready else "")
+        if failed:
+            line += f"; failed: {', '.join(failed)}"
+        return line
+
+    async def start(self) -> None:
+        """Load the repository, bind every listener, start serving; returns once bound."""
+        listen = self.config.listen
+        options = [
+            ("grpc.max_receive_message_length", listen.max_message_bytes),
+            ("grpc.max_send_message_length", listen.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.dataplane), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        service_names = [
+            inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(service_names, server)
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        await self.models.load_all()
+
+        if listen.unix is not None:
+            self._bind_unix(server, listen.unix)
+        if listen.tcp is not None:
+            self.tcp_port = self._bind_tcp(server, listen.tcp)
+        await server.start()
+        self._server = server
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", addresses=self.addresses, status=self.status_line())
+
+    def _bind_unix(self, server: grpc.aio.Server, path: Path) -> None:
+        _refuse_live_socket(path)
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o750, parents=True)
+        # The socket is created under the umask: make it no wider than asked,
+        # so there is no moment when others could connect.
+        old_umask = os.umask(0o777 & ~self.config.listen.unix_mode)
+        try:
+            server.add_insecure_port(f"unix:{path}")
+        except RuntimeError as error:
+            raise StartupError(f"cannot listen on unix:{path}: {error}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, self.config.listen.unix_mode)
+        group = self.config.listen.unix_group
+        if group is not None:
+            try:
+                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            except (KeyError, PermissionError) as error:
+                raise StartupError(f"cannot give {path} to group {group!r}: {error}") from None
+
+    def _bind_tcp(self, server: grpc.aio.Server, address: str) -> int:
+        tls = self.config.listen.tls
+        try:
+            if tls is None:
+                port = server.add_insecure_port(address)
+            else:
+                try:
+                    key, cert = tls.key.read_bytes(), tls.cert.read_bytes()
+                    ca = tls.client_ca.read_bytes() if tls.client_ca else None
+                except OSError as error:
+                    raise StartupError(f"cannot read TLS file: {error}") from None
+                credentials = grpc.ssl_server_credentials(
+                    [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+                )
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError as error:
+            raise StartupError(f"cannot listen on {address}: {error}") from None
+        if port == 0:
+            raise StartupError(f"cannot listen on {address}: address in use or not available")
+        return port
+
+    def close(self, grace: float | None = None) -> None:
+        """Begin a graceful stop: refuse new calls, let running ones finish within ``grace``."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(
+                self._close(self.config.grace_period_s if grace is None else grace)
+            )
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def _close(self, grace: float) -> None:
+        try:
+            await self.health.enter_graceful_shutdown()
+            if self._server is not None:
+                await self._server.stop(grace)
+            await self.models.close()
+        finally:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            if self.config.listen.unix is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.config.listen.unix.unlink()
+            self._closed.set()
+
+    async def reload(self) -> None:
+        """Re-read the repository (SIGHUP); calls in flight are not failed."""
+        await self.models.reload()
+        log.info("reloaded", status=self.status_line())
+
+    def _model_changed(self, entry: ModelEntry) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if entry.state is ModelState.READY
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        task = asyncio.ensure_future(self.health.set(entry.name, status))
+        task.add_done_callback(lambda t: t.exception())
+
+
+def _refuse_live_socket(path: Path) -> None:
+    """Fail if another process answers on ``path``; remove it if it is stale."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"cannot listen on unix:{path}: a file that is not a socket is there")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as error:
+        if error.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            path.unlink(missing_ok=True)  # left behind by a process that died
+            return
+        raise StartupError(f"cannot listen on unix:{path}: {error.strerror}") from None
+    else:
+        raise StartupError(f"cannot listen on unix:{path}: another process is serving on it")
+    finally:
+        probe.close()
