@@ -22,12 +22,11 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgeinfer.v1 import inference_pb2, inference_pb2_grpc
 from edgeinferd.config import DaemonConfig
 from edgeinferd.dataplane import DataPlane
 from edgeinferd.errors import EdgeInferError
 from edgeinferd.models import ModelEntry, ModelManager, ModelState
-from edgeinferd.protocol.v1 import InferenceServicer
+from edgeinferd.protocol import add_services
 from edgeinferd.repository import Repository
 
 log = structlog.get_logger("edgeinferd.server")
@@ -80,12 +79,9 @@ class Server:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options)
-        inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.dataplane), server
-        )
+        service_names = add_services(server, self.dataplane)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        service_names = [
-            inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+        service_names += [
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ]
