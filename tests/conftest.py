@@ -1,0 +1,142 @@
+"""Fixtures: real daemons in subprocesses, on real sockets, called through the real client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import edgeinfer
+from tests import models
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def short_tmpdir() -> Path:
+    """Unix socket paths must stay under 108 bytes; pytest's tmp paths can be longer."""
+    return Path(tempfile.mkdtemp(prefix="ei-", dir="/tmp"))
+
+
+class Daemon:
+    """A running ``edgeinferd`` process and how to reach it."""
+
+    def __init__(self, config_text: str, workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "edgeinfer.sock"
+        self.config = workdir / "edgeinferd.toml"
+        self.config.write_text(config_text.replace("@SOCKET@", str(self.socket)))
+        self.log = workdir / "daemon.log"
+        self._log_file = self.log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "edgeinferd", "--config", str(self.config)],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=workdir,
+        )
+        self.address = f"unix://{self.socket}"
+
+    def wait_ready(self, timeout: float = 60.0) -> Daemon:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"daemon exited with {self.process.returncode}:\n{self.log_text()}"
+                )
+            if self.socket.exists():
+                try:
+                    with edgeinfer.Client(self.address, timeout=2) as client:
+                        if client.health() == "SERVING":
+                            return self
+                except edgeinfer.EdgeInferError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.log_text()}")
+
+    def client(self, **kwargs: object) -> edgeinfer.Client:
+        return edgeinfer.Client(self.address, **kwargs)  # type: ignore[arg-type]
+
+    def log_text(self) -> str:
+        self._log_file.flush()
+        return self.log.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()
+        return self.process.returncode
+
+
+def daemon_config(repository: Path, extra: str = "") -> str:
+    return f'repository = "{repository}"\n[listen]\nunix = "@SOCKET@"\n{extra}'
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One repository with good and bad models, shared by the session."""
+    repo = tmp_path_factory.mktemp("repo")
+    models.add_mlp(repo)
+    models.add_adder(repo)
+    models.add_picky(repo)
+    models.add_slow(repo)
+    models.add_corrupt(repo)
+    models.add_pickled(repo)
+    models.add_with_manifest(repo, "signed")
+    models.add_with_manifest(repo, "tampered", tamper=True)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def daemon(model_repo: Path) -> Iterator[Daemon]:
+    """A daemon serving ``model_repo`` for the whole session (tests must not change it)."""
+    workdir = short_tmpdir()
+    process = Daemon(daemon_config(model_repo), workdir).wait_ready()
+    yield process
+    process.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[edgeinfer.Client]:
+    with daemon.client(timeout=30) as c:
+        yield c
+
+
+StartDaemon = Callable[..., Daemon]
+
+
+@pytest.fixture
+def start_daemon() -> Iterator[StartDaemon]:
+    """Start private daemons (for tests that load, unload, signal or kill)."""
+    started: list[Daemon] = []
+
+    def start(
+        repository: Path,
+        extra_config: str = "",
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> Daemon:
+        process = Daemon(daemon_config(repository, extra_config), short_tmpdir(), env)
+        started.append(process)
+        return process.wait_ready() if wait else process
+
+    yield start
+    for process in started:
+        process.stop()
+        shutil.rmtree(process.workdir, ignore_errors=True)
