@@ -71,11 +71,12 @@ def dtype_code(dtype: np.dtype[np.generic]) -> int:
     return code
 
 
-def element_count(shape: list[int] | tuple[int, ...], limit: int) -> int | None:
-    """Multiply out a shape; None when it exceeds ``limit`` elements.
+def element_count(shape: list[int] | tuple[int, ...]) -> int:
+    """Multiply out a shape exactly, refusing negative dims and too many dims.
 
-    Checked step by step so that a shape declaring 10**12 elements is refused
-    before anything is allocated. Negative dims and too many dims raise.
+    Python integers do not wrap around the way ``np.prod`` on int64 does, so a
+    shape declaring 10**12 elements gives 10**12, and the byte-length check
+    that follows refuses it before anything is allocated.
     """
     if len(shape) > MAX_DIMS:
         raise TensorError(f"shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
@@ -84,8 +85,6 @@ def element_count(shape: list[int] | tuple[int, ...], limit: int) -> int | None:
     count = 1
     for dim in shape:
         count *= dim
-        if count > limit:
-            return None
     return count
 
 
@@ -119,12 +118,11 @@ def from_bytes(
         raise TensorError(
             f"has dtype {dtype_name(dtype)}; expected one of {', '.join(DTYPES_BY_NAME)}"
         )
-    count = element_count(shape, len(data) // np_dtype.itemsize)
-    if count is None or count * np_dtype.itemsize != len(data):
-        needs = "more than that" if count is None else f"{count * np_dtype.itemsize}"
+    count = element_count(shape)
+    if count * np_dtype.itemsize != len(data):
         raise TensorError(
             f"has {len(data)} bytes of data; shape {shape_repr(shape)} of {dtype_name(dtype)}"
-            f" needs {needs}"
+            f" needs {count * np_dtype.itemsize}"
         )
     return np.frombuffer(data, dtype=np_dtype, count=count).reshape(shape)
 
