@@ -8,7 +8,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 import torch
 
 import edgeinfer
@@ -16,7 +15,6 @@ from edgeinfer.client import build_request
 from edgeinfer.v1 import inference_pb2_grpc
 from tests import models
 from tests.conftest import Daemon, StartDaemon
-
 
 MLP = models.mlp_module(0)  # built once: torch's seeding is global, not per thread
 

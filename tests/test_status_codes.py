@@ -69,7 +69,7 @@ def test_bad_request_gets_precise_status(
     code: grpc.StatusCode,
     words: list[str],
 ) -> None:
-    """Each mistake maps to its status code and the message names the tensor, what came and what was expected."""
+    """Each mistake maps to its code; the message names the tensor, what came, what was expected."""
     error = call_error(client, model, inputs)
     assert error.code == code
     for word in words:
