@@ -1,0 +1,190 @@
+"""Start-up, reload and shutdown of the real daemon process, driven by real signals."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgeinfer
+from tests import models
+from tests.conftest import StartDaemon, short_tmpdir
+
+
+def run_daemon(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeinferd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_sigterm_lets_in_flight_calls_finish(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """SIGTERM with calls running: every call completes, then the daemon exits 0."""
+    repo = tmp_path / "repo"
+    models.add_slow(repo)
+    daemon = start_daemon(repo)
+    results: list[object] = []
+
+    def call() -> None:
+        with daemon.client(timeout=60) as client:
+            try:
+                results.append(client.predict("slow", {"x": np.full((1, 1), 3000, np.float32)}))
+            except edgeinfer.EdgeInferError as error:
+                results.append(error)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # the calls are queued or running
+    daemon.signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(60)
+    assert daemon.process.wait(60) == 0
+    assert len(results) == 4
+    assert all(isinstance(r, dict) for r in results), results
+
+
+def test_new_calls_are_refused_after_sigterm(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """Once shutting down, the socket stops accepting and is removed."""
+    repo = tmp_path / "repo"
+    models.add_mlp(repo)
+    daemon = start_daemon(repo)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.process.wait(30) == 0
+    assert not daemon.socket.exists()
+
+
+def test_sighup_reloads_the_repository(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """SIGHUP loads new models, swaps changed ones and unloads removed ones."""
+    repo = tmp_path / "repo"
+    models.add_mlp(repo)
+    models.add_mlp(repo, "gone")
+    daemon = start_daemon(repo)
+    models.add_adder(repo, "new")
+    models.add_mlp(repo, "mlp", version="2", seed=5)
+    shutil.rmtree(repo / "gone")
+    daemon.signal(signal.SIGHUP)
+    x = np.ones((1, 16), np.float32)
+    with daemon.client(timeout=30) as client:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            states = {m.name: (m.state, m.serving_version) for m in client.list_models()}
+            if (
+                states.get("new", ("",))[0] == "READY"
+                and states["mlp"][1] == "2"
+                and "gone" not in states
+            ):
+                break
+            time.sleep(0.1)
+        assert states == {"mlp": ("READY", "2"), "new": ("READY", "1")}
+        import torch
+
+        with torch.inference_mode():
+            expected = models.mlp_module(5)(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(client.predict("mlp", {"x": x})["y"], expected, rtol=1e-5)
+
+
+def test_reload_that_fails_keeps_the_old_version(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """A new version that cannot load leaves the previous one serving, with the reason shown."""
+    repo = tmp_path / "repo"
+    models.add_mlp(repo)
+    daemon = start_daemon(repo)
+    (repo / "mlp" / "2").mkdir()
+    (repo / "mlp" / "2" / "model.pt").write_bytes(b"garbage")
+    daemon.signal(signal.SIGHUP)
+    with daemon.client(timeout=30) as client:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not client.get_model("mlp").reason:
+            time.sleep(0.1)
+        info = client.get_model("mlp")
+        assert info.state == "READY"
+        assert info.serving_version == "1"
+        assert "mlp/2/model.pt" in info.reason
+        assert client.predict("mlp", {"x": np.ones((1, 16), np.float32)})["y"].shape == (1, 4)
+
+
+def test_bad_config_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    """A config error exits 1 with one line naming the file and field."""
+    config = tmp_path / "edgeinferd.toml"
+    config.write_text('[listen]\nunix_mode = "rwx"\n')
+    result = run_daemon("--config", str(config))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "edgeinferd.toml: listen.unix_mode: expected an octal string" in lines[0]
+
+
+def test_socket_in_use_exits_non_zero(tmp_path: Path) -> None:
+    """A socket another process serves on is not stolen: start-up fails with exit 1."""
+    workdir = short_tmpdir()
+    path = workdir / "busy.sock"
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    holder.bind(str(path))
+    holder.listen()
+    try:
+        result = run_daemon("--repository", str(tmp_path), "--unix", str(path))
+    finally:
+        holder.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert result.returncode == 1
+    assert "another process is serving on it" in result.stderr
+
+
+def test_stale_socket_file_is_replaced(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """A socket file left by a killed daemon does not stop the next start."""
+    repo = tmp_path / "repo"
+    models.add_mlp(repo)
+    first = start_daemon(repo)
+    first.process.kill()
+    first.process.wait()
+    assert first.socket.exists()
+    second = start_daemon(repo)
+    assert second.socket.exists()
+
+
+def test_socket_is_created_with_the_configured_mode(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """The Unix socket gets mode 0660 by default (owner and group only)."""
+    repo = tmp_path / "repo"
+    models.add_mlp(repo)
+    daemon = start_daemon(repo)
+    assert daemon.socket.stat().st_mode & 0o777 == 0o660
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_second_signal_exits_at_once(
+    start_daemon: StartDaemon, tmp_path: Path, signum: int
+) -> None:
+    """A second stop signal during a long graceful stop ends the process immediately."""
+    repo = tmp_path / "repo"
+    models.add_slow(repo)
+    daemon = start_daemon(repo, "[shutdown]\ngrace_period_s = 120\n")
+    client = daemon.client(timeout=120)
+
+    def call() -> None:
+        with contextlib.suppress(edgeinfer.EdgeInferError):
+            client.predict("slow", {"x": np.full((1, 1), 10**6, np.float32)})
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.5)
+    daemon.signal(signum)
+    time.sleep(0.5)
+    started = time.monotonic()
+    daemon.signal(signum)
+    assert daemon.process.wait(30) == 128 + signum
+    assert time.monotonic() - started < 20
+    caller.join(30)
+    client.close()
