@@ -58,7 +58,10 @@ def test_install_stages_every_file_with_its_mode(tmp_path: Path, examples: Path)
     assert (models / "digits/1/model.pt").read_bytes() == b"not really a model"
     assert [mode(models), mode(models / "digits"), mode(models / "digits/1")] == [0o750] * 3
     assert mode(models / "digits/1/model.pt") == 0o640
-    assert not (root / "opt").exists()  # --skip-venv
+    docs = root / "opt/edgeinfer/docs/operations.md"
+    assert docs.read_bytes() == (REPO / "docs/operations.md").read_bytes()
+    assert mode(docs) == 0o644
+    assert not (root / "opt/edgeinfer/venv").exists()  # --skip-venv
 
 
 def test_plan_records_the_owners_meant_for_the_target(
@@ -130,6 +133,7 @@ def test_uninstall_keeps_config_and_models_unless_purged(tmp_path: Path, example
     root = tmp_path / "root"
     assert install(root, "--examples", str(examples)) == 0
     (root / "opt/edgeinfer/venv/bin").mkdir(parents=True)  # as a real install leaves it
+    assert (root / "opt/edgeinfer/docs/operations.md").exists()
     assert main(["uninstall", "--root", str(root)]) == 0
     assert not (root / "etc/systemd/system/edgeinferd.service").exists()
     assert not (root / "usr/lib/sysusers.d/edgeinfer.conf").exists()
@@ -187,3 +191,16 @@ def test_runs_as_a_module(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "plan (dry run, nothing changed):" in result.stdout
+
+
+def test_default_config_is_accepted_by_the_daemon() -> None:
+    """The config the installer ships loads cleanly and matches the unit's paths."""
+    from edgeinferd.config import load_config
+
+    config = load_config(SYSTEMD_FILES / "edgeinferd.toml")
+    assert config.repository == Path("/var/lib/edgeinfer/models")
+    assert config.listen.unix == Path("/run/edgeinfer/edgeinfer.sock")
+    assert config.listen.unix_mode == 0o660
+    assert config.listen.tcp is None
+    assert config.metrics_listen is None
+    assert config.grace_period_s < 30  # the unit's TimeoutStopSec

@@ -53,6 +53,10 @@ class Layout:
     def venv(self) -> Path:
         return self.prefix / "venv"
 
+    @property
+    def docs(self) -> Path:
+        return self.prefix / "docs" / "operations.md"
+
 
 # Files from the checkout's systemd/ folder, by their role.
 SOURCES = {
@@ -202,6 +206,8 @@ class Installer:
             self._create_account(plan)
 
         self.write(plan, layout.unit, files["unit"], 0o644)
+        # The unit's Documentation= points here, so `systemctl help` works offline.
+        self.write(plan, layout.docs, (source / "docs" / "operations.md").read_bytes(), 0o644)
         self.mkdir(plan, layout.config_dir, 0o755)
         self.write(plan, layout.config, files["config"], 0o640, "root", GROUP, keep_existing=True)
         self.mkdir(plan, layout.state_dir, 0o750, USER, GROUP)
