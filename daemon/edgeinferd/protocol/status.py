@@ -32,7 +32,7 @@ GRPC_CODES: dict[type[Exception], grpc.StatusCode] = {
 def status_for(error: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
     """The status code and caller-facing message for an exception."""
     for kind in type(error).__mro__:
-        code = GRPC_CODES.get(kind)  # type: ignore[call-overload]
+        code = GRPC_CODES.get(kind)
         if code is not None:
             return code, str(error)
     log.exception("unexpected error", request_id=request_id, exc_info=error)

@@ -54,7 +54,7 @@ def model_info(entry: ModelEntry, dataplane: DataPlane) -> pb.ModelInfo:
             for spec in specs:
                 field.add(
                     name=spec.name, dtype=DTYPES_BY_NAME[spec.dtype], shape=batch + spec.shape
-                )  # type: ignore[arg-type]
+                )
         info.max_batch_size = config.max_batch_size
         info.generative = config.generation is not None
     serving = entry.serving
