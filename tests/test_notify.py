@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import socket
+import statistics
 import tempfile
 import threading
 import time
@@ -163,8 +164,10 @@ def test_watchdog_pings_at_half_the_timeout(manager: FakeManager) -> None:
     assert notifier.watchdog_interval == pytest.approx(0.1)
     asyncio.run(watch_for(notifier, 0.65))
     times = manager.ping_times()
-    assert 5 <= len(times) <= 8
-    assert all(0.07 <= gap <= 0.2 for gap in gaps(times)), gaps(times)
+    assert 4 <= len(times) <= 8
+    # Never early; typically on time (slack for a loaded test machine).
+    assert min(gaps(times)) >= 0.09, gaps(times)
+    assert statistics.median(gaps(times)) <= 0.15, gaps(times)
 
 
 def test_watchdog_pings_when_watchdog_pid_is_ours(manager: FakeManager) -> None:
@@ -195,8 +198,8 @@ def test_pings_continue_while_a_forward_pass_blocks_a_thread(manager: FakeManage
 
     asyncio.run(scenario())
     times = manager.ping_times()
-    assert len(times) >= 12
-    assert max(gaps(times)) < 0.3, gaps(times)
+    assert len(times) >= 10
+    assert max(gaps(times)) < 0.5, gaps(times)
 
 
 def test_pings_stop_while_the_event_loop_is_blocked(manager: FakeManager) -> None:
@@ -214,7 +217,7 @@ def test_pings_stop_while_the_event_loop_is_blocked(manager: FakeManager) -> Non
     times = manager.ping_times()
     assert max(gaps(times)) >= 0.95
     # Before and after the block it pinged normally.
-    assert sorted(gaps(times))[-2] < 0.3
+    assert sorted(gaps(times))[-2] < 0.5
 
 
 def test_lost_socket_is_logged_once_and_never_raises(
