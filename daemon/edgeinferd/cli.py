@@ -23,6 +23,7 @@ from edgeinferd.config import DaemonConfig, load_config, with_overrides
 from edgeinferd.errors import EdgeInferError
 from edgeinferd.logs import configure_logging
 from edgeinferd.server import Server
+from edgeinferd.systemd import SystemdNotifier
 
 log = structlog.get_logger("edgeinferd")
 
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(config: DaemonConfig) -> int:
     """Run until SIGTERM/SIGINT; a second signal exits at once."""
-    server = Server(config)
+    # Unset NOTIFY_SOCKET & co. so that no child process talks to systemd for us.
+    server = Server(config, SystemdNotifier.from_environment(unset_environment=True))
     loop = asyncio.get_running_loop()
     stopping = False
 

@@ -28,6 +28,7 @@ from edgeinferd.errors import EdgeInferError
 from edgeinferd.models import ModelEntry, ModelManager, ModelState
 from edgeinferd.protocol import add_services
 from edgeinferd.repository import Repository
+from edgeinferd.systemd import SystemdNotifier
 
 log = structlog.get_logger("edgeinferd.server")
 
@@ -37,8 +38,12 @@ class StartupError(EdgeInferError):
 
 
 class Server:
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, notifier: SystemdNotifier | None = None) -> None:
         self.config = config
+        #: Tells systemd when the daemon is ready, reloading or stopping (no-op outside it).
+        self.notifier = notifier or SystemdNotifier(None)
+        self._ready = False
+        self._watchdog: asyncio.Task[None] | None = None
         self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="forward")
         self.health = health.aio.HealthServicer()
         self.models = ModelManager(
@@ -98,6 +103,10 @@ class Server:
         self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", addresses=self.addresses, status=self.status_line())
+        # Only now: sockets listen and every model is loaded and warmed up.
+        self._ready = True
+        self.notifier.ready(self.status_line())
+        self._watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
 
     def _bind_unix(self, server: grpc.aio.Server, path: Path) -> None:
         _refuse_live_socket(path)
@@ -144,6 +153,7 @@ class Server:
     def close(self, grace: float | None = None) -> None:
         """Begin a graceful stop: refuse new calls, let running ones finish within ``grace``."""
         if self._closing is None:
+            self.notifier.stopping()
             self._closing = asyncio.create_task(
                 self._close(self.config.grace_period_s if grace is None else grace)
             )
@@ -158,6 +168,8 @@ class Server:
                 await self._server.stop(grace)
             await self.models.close()
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             self.executor.shutdown(wait=False, cancel_futures=True)
             if self.config.listen.unix is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -166,10 +178,18 @@ class Server:
 
     async def reload(self) -> None:
         """Re-read the repository (SIGHUP); calls in flight are not failed."""
-        await self.models.reload()
+        self.notifier.reloading()
+        self._ready = False
+        try:
+            await self.models.reload()
+        finally:
+            self._ready = True
+            self.notifier.ready(self.status_line())
         log.info("reloaded", status=self.status_line())
 
     def _model_changed(self, entry: ModelEntry) -> None:
+        if self._ready:
+            self.notifier.status(self.status_line())
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if entry.state is ModelState.READY

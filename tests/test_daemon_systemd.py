@@ -1,0 +1,119 @@
+"""The real daemon speaks sd_notify to a real datagram socket playing systemd's part."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tests import models
+from tests.conftest import StartDaemon, short_tmpdir
+
+
+class FakeManager:
+    """A bound AF_UNIX datagram socket, as systemd's NOTIFY_SOCKET is; records arrivals."""
+
+    def __init__(self) -> None:
+        self.path = short_tmpdir() / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.settimeout(0.01)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+
+    def poll(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+
+    def wait_for(self, key: str, value: str, after: int = 0, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll()
+            for index, (_, fields) in enumerate(self.messages[after:], after):
+                if fields.get(key) == value:
+                    return index
+        raise AssertionError(f"no {key}={value} after message {after}: {self.messages}")
+
+
+def connectable(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def test_ready_reload_and_stopping_messages(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """READY=1 comes only once the socket is connectable, with STATUS naming the models;
+    SIGHUP gives RELOADING=1 + MONOTONIC_USEC then READY=1; SIGTERM gives STOPPING=1."""
+    repo = tmp_path / "repo"
+    models.add_mlp(repo)
+    manager = FakeManager()
+    daemon = start_daemon(repo, wait=False, env={"NOTIFY_SOCKET": str(manager.path)})
+    first_connectable = None
+    ready_at = None
+    deadline = time.monotonic() + 60
+    while ready_at is None and time.monotonic() < deadline:
+        if first_connectable is None and connectable(daemon.socket):
+            first_connectable = time.monotonic()
+        manager.poll()
+        ready_at = next((t for t, f in manager.messages if f.get("READY") == "1"), None)
+    assert ready_at is not None, manager.messages
+    assert connectable(daemon.socket)
+    # Nothing arrived before READY that claims readiness, and the socket was
+    # connectable no later than READY arrived (the probe runs every ~10 ms).
+    assert first_connectable is None or first_connectable <= ready_at + 0.05
+    ready_fields = next(f for _, f in manager.messages if f.get("READY") == "1")
+    assert "mlp" in ready_fields["STATUS"]
+
+    daemon.signal(signal.SIGHUP)
+    sent_at_usec = time.monotonic_ns() // 1000
+    reloading = manager.wait_for("RELOADING", "1")
+    usec = int(manager.messages[reloading][1]["MONOTONIC_USEC"])
+    assert sent_at_usec - 5_000_000 < usec < sent_at_usec + 5_000_000
+    manager.wait_for("READY", "1", after=reloading + 1)
+
+    daemon.signal(signal.SIGTERM)
+    manager.wait_for("STOPPING", "1")
+    assert daemon.process.wait(30) == 0
+
+
+def test_watchdog_pings_while_a_forward_pass_is_stuck(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """With WATCHDOG_USEC set, WATCHDOG=1 keeps arriving at about half the interval
+    even while a long forward pass occupies a worker thread."""
+    repo = tmp_path / "repo"
+    models.add_slow(repo)
+    manager = FakeManager()
+    daemon = start_daemon(
+        repo,
+        env={"NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "400000", "WATCHDOG_PID": ""},
+    )
+    client = daemon.client(timeout=60)
+    thread = threading.Thread(
+        target=client.predict, args=("slow", {"x": np.full((1, 1), 20000, np.float32)})
+    )
+    thread.start()
+    time.sleep(0.5)
+    start = len(manager.messages)
+    time.sleep(2.0)
+    manager.poll()
+    pings = [t for t, f in manager.messages[start:] if f.get("WATCHDOG") == "1"]
+    assert thread.is_alive(), "the forward pass should still be running"
+    assert len(pings) >= 5, pings
+    gaps = np.diff(pings)
+    assert gaps.max() < 0.6
+    thread.join(120)
+    client.close()
