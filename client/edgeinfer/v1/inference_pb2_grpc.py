@@ -69,6 +69,26 @@ class InferenceStub:
                 request_serializer=edgeinfer_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=edgeinfer_dot_v1_dot_inference__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/edgeinfer.v1.Inference/RegisterSharedMemory',
+                request_serializer=edgeinfer_dot_v1_dot_inference__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=edgeinfer_dot_v1_dot_inference__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/edgeinfer.v1.Inference/UnregisterSharedMemory',
+                request_serializer=edgeinfer_dot_v1_dot_inference__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=edgeinfer_dot_v1_dot_inference__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.ListSharedMemory = channel.unary_unary(
+                '/edgeinfer.v1.Inference/ListSharedMemory',
+                request_serializer=edgeinfer_dot_v1_dot_inference__pb2.ListSharedMemoryRequest.SerializeToString,
+                response_deserializer=edgeinfer_dot_v1_dot_inference__pb2.ListSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/edgeinfer.v1.Inference/GetStats',
+                request_serializer=edgeinfer_dot_v1_dot_inference__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=edgeinfer_dot_v1_dot_inference__pb2.Stats.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -120,6 +140,33 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """POSIX shared memory for large tensors on the same device: register a
+        region once, then tensors refer to slices of it instead of carrying bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSharedMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Counters and latency sums per model (the same numbers as the metrics endpoint).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +204,26 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=edgeinfer_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
                     response_serializer=edgeinfer_dot_v1_dot_inference__pb2.ModelInfo.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=edgeinfer_dot_v1_dot_inference__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=edgeinfer_dot_v1_dot_inference__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=edgeinfer_dot_v1_dot_inference__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=edgeinfer_dot_v1_dot_inference__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
+            'ListSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSharedMemory,
+                    request_deserializer=edgeinfer_dot_v1_dot_inference__pb2.ListSharedMemoryRequest.FromString,
+                    response_serializer=edgeinfer_dot_v1_dot_inference__pb2.ListSharedMemoryResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=edgeinfer_dot_v1_dot_inference__pb2.GetStatsRequest.FromString,
+                    response_serializer=edgeinfer_dot_v1_dot_inference__pb2.Stats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +415,114 @@ class Inference:
             '/edgeinfer.v1.Inference/UnloadModel',
             edgeinfer_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
             edgeinfer_dot_v1_dot_inference__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeinfer.v1.Inference/RegisterSharedMemory',
+            edgeinfer_dot_v1_dot_inference__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            edgeinfer_dot_v1_dot_inference__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeinfer.v1.Inference/UnregisterSharedMemory',
+            edgeinfer_dot_v1_dot_inference__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            edgeinfer_dot_v1_dot_inference__pb2.UnregisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeinfer.v1.Inference/ListSharedMemory',
+            edgeinfer_dot_v1_dot_inference__pb2.ListSharedMemoryRequest.SerializeToString,
+            edgeinfer_dot_v1_dot_inference__pb2.ListSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeinfer.v1.Inference/GetStats',
+            edgeinfer_dot_v1_dot_inference__pb2.GetStatsRequest.SerializeToString,
+            edgeinfer_dot_v1_dot_inference__pb2.Stats.FromString,
             options,
             channel_credentials,
             insecure,
