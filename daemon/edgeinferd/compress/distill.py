@@ -96,7 +96,7 @@ def train(
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-                total += float(loss)
+                total += loss.item()
                 batches += 1
             progress.advance(note=f"loss {total / max(batches, 1):.4f}")
     model.eval()

@@ -207,6 +207,7 @@ def _sliced_norm(norm: nn.Module, keep: torch.Tensor) -> nn.Module:
         track_running_stats=norm.track_running_stats,
     )
     new.load_state_dict({k: (v[keep] if v.ndim else v) for k, v in norm.state_dict().items()})
+    new.train(norm.training)
     return new
 
 

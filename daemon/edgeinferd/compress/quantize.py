@@ -176,15 +176,14 @@ def scripted_int8_weights(model: torch.jit.ScriptModule) -> dict[str, torch.Tens
     found = {}
     with quiet():
         for name, module in model.named_modules():
-            if not hasattr(module, "_packed_params"):
+            packed = getattr(module, "_packed_params", None)
+            if not isinstance(packed, torch.ScriptObject):
                 continue
-            packed = module._packed_params
-            packed = getattr(packed, "_packed_params", packed)
-            if module.original_name in ("Linear", "LinearReLU"):
-                weight, _ = torch.ops.quantized.linear_unpack(packed)
+            layer = name.removesuffix("._packed_params")
+            if "Linear" in str(packed._type()):
+                found[layer] = torch.ops.quantized.linear_unpack(packed)[0]
             else:
-                weight, _ = torch.ops.quantized.conv2d_unpack(packed)
-            found[name] = weight
+                found[layer] = torch.ops.quantized.conv2d_unpack(packed)[0]
     return found
 
 
