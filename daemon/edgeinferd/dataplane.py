@@ -9,7 +9,7 @@ and delegate here, so validation, batching and execution exist once.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,8 +17,11 @@ import structlog
 
 from edgeinfer.tensors import shape_repr
 from edgeinferd.errors import InvalidInput, ModelExecutionError, PermissionDenied
+from edgeinferd.generation import params as generation_params
+from edgeinferd.generation.sequence import GenerationEvent
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelManager
 from edgeinferd.repository import ModelConfig, check_model_name
+from edgeinferd.shm import SharedMemoryRegistry
 
 log = structlog.get_logger("edgeinferd.dataplane")
 
@@ -43,6 +46,22 @@ class InferenceResponse:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class GenerationRequest:
+    model: str
+    #: Text, or token ids of the model's vocabulary.
+    prompt: str | Sequence[int]
+    max_new_tokens: int
+    version: str = ""
+    id: str = ""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    deadline: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """What the data plane may know about who is calling."""
@@ -54,9 +73,13 @@ class DataPlane:
     def __init__(self, models: ModelManager, management: str = "all") -> None:
         self.models = models
         self.management = management
+        #: Regions callers registered for tensors in shared memory (every protocol uses these).
+        self.shared_memory = SharedMemoryRegistry()
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         loaded = self.models.serving(request.model, request.version)
+        if loaded.engine is not None:
+            raise InvalidInput(f"model {request.model!r} is generative; call Generate")
         arrays = validate_inputs(loaded.config, request.inputs)
         wanted = select_outputs(loaded.config, request.outputs)
         try:
@@ -78,6 +101,32 @@ class DataPlane:
             id=request.id,
             outputs={names[i]: results[i] for i in wanted},
         )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Validate, take a slot (or fail with Overloaded at once), then stream the tokens.
+
+        Closing this iterator early cancels the generation and frees its slot.
+        """
+        loaded = self.models.serving(request.model, request.version)
+        if loaded.engine is None:
+            raise InvalidInput(f"model {request.model!r} is not generative; call Predict")
+        params = generation_params.validate(
+            loaded.engine.model,
+            request.prompt,
+            max_new_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=request.stop,
+        )
+        sequence = loaded.engine.submit(params, request.id, request.deadline)
+        try:
+            async for event in loaded.engine.stream(sequence):
+                yield event
+        finally:
+            # Not left to garbage collection: the slot must be free the moment we stop.
+            loaded.engine.cancel(sequence)
 
     # -- model management ----------------------------------------------------
 
@@ -153,8 +202,7 @@ def validate_inputs(config: ModelConfig, inputs: Mapping[str, np.ndarray]) -> li
                 )
             if batch_rows is not None and rows != batch_rows:
                 raise InvalidInput(
-                    f"input {spec.name!r} has a batch of {rows};"
-                    f" the other inputs have {batch_rows}"
+                    f"input {spec.name!r} has a batch of {rows}; the other inputs have {batch_rows}"
                 )
             batch_rows = rows
         arrays.append(array)

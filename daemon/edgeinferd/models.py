@@ -20,6 +20,8 @@ import structlog
 
 from edgeinferd.batching import Batcher
 from edgeinferd.errors import ConfigError, EdgeInferError, ModelNotFound, ModelNotReady
+from edgeinferd.generation.engine import GenerationEngine
+from edgeinferd.generation.model import load_generative
 from edgeinferd.repository import ModelConfig, Repository, VersionFiles, check_model_name
 from edgeinferd.runtime import Runner, load_runner
 
@@ -44,10 +46,18 @@ class LoadedVersion:
     fingerprint: tuple[Any, ...]
     size_bytes: int
     loaded_at: float = field(default_factory=time.time)
+    #: Generative models only: decodes their sequences (the batcher stays idle).
+    engine: GenerationEngine | None = None
 
     @property
     def version(self) -> str:
         return self.files.version
+
+    async def close(self, drain: bool = True) -> None:
+        """Finish queued calls; running generations finish (``drain``) or are cancelled."""
+        await self.batcher.close()
+        if self.engine is not None:
+            await self.engine.close(drain)
 
 
 @dataclass(eq=False)
@@ -142,10 +152,20 @@ class ModelManager:
                 entry.state = ModelState.LOADING
                 self._on_change(entry)
             started = time.perf_counter()
+            engine = None
             try:
-                runner = await asyncio.get_running_loop().run_in_executor(
-                    None, load_runner, config, files
-                )
+                if config.generation is not None:
+                    generative = await asyncio.get_running_loop().run_in_executor(
+                        None, load_generative, config, files
+                    )
+                    runner = Runner(config, generative.module)
+                    engine = GenerationEngine(
+                        generative, config.generation.max_sequences, self._executor
+                    )
+                else:
+                    runner = await asyncio.get_running_loop().run_in_executor(
+                        None, load_runner, config, files
+                    )
             except EdgeInferError as error:
                 self._failed(entry, error)
                 if strict:
@@ -158,6 +178,7 @@ class ModelManager:
                 batcher=Batcher(config, runner.run, self._executor),
                 fingerprint=fingerprint,
                 size_bytes=files.artifact.stat().st_size,
+                engine=engine,
             )
             previous = entry.serving
             entry.serving, entry.state, entry.reason = loaded, ModelState.READY, ""
@@ -183,7 +204,7 @@ class ModelManager:
             self._on_change(entry)
             if previous is not None:
                 started = time.perf_counter()
-                await previous.batcher.close()
+                await previous.close(drain=False)
                 log.info(
                     "model unloaded",
                     model=name,
@@ -206,7 +227,7 @@ class ModelManager:
 
     async def close(self) -> None:
         """Finish every queued call and stop all batchers."""
-        closing = [e.serving.batcher.close() for e in self._entries.values() if e.serving]
+        closing = [e.serving.close(drain=False) for e in self._entries.values() if e.serving]
         await asyncio.gather(*closing, *self._retiring)
 
     # -- internals -----------------------------------------------------------
@@ -253,6 +274,6 @@ class ModelManager:
 
     def _retire(self, previous: LoadedVersion) -> None:
         """Close an old version once its in-flight calls finish, without blocking the swap."""
-        task = asyncio.create_task(previous.batcher.close())
+        task = asyncio.create_task(previous.close())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)

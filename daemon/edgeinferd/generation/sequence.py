@@ -1,0 +1,123 @@
+"""One generation request as it moves through the engine, and what it reports."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from edgeinferd.generation.sampling import SamplingParams, make_generator
+from edgeinferd.generation.text import TextStream
+from edgeinferd.generation.tokenizer import Tokenizer
+
+
+class FinishReason(enum.Enum):
+    #: max_new_tokens were generated.
+    LENGTH = "LENGTH"
+    #: A stop sequence appeared (it is not part of the text).
+    STOP = "STOP"
+    #: The daemon stopped it: the model was unloaded or the daemon is shutting down.
+    CANCELLED = "CANCELLED"
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """A validated request (see edgeinferd.generation.params)."""
+
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationChunk:
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationSummary:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    #: From the request's arrival to its first token.
+    time_to_first_token_s: float
+    #: Generated tokens over the seconds from arrival to the last token.
+    tokens_per_second: float
+    #: Model calls this sequence took part in (prefill included).
+    steps: int
+    seed: int
+
+
+GenerationEvent = GenerationChunk | GenerationSummary
+
+
+class Sequence:
+    """Engine-side state. Sampling and text fields belong to the step thread;
+    ``cancelled`` and the queue belong to the event loop."""
+
+    def __init__(
+        self,
+        request_id: str,
+        params: GenerationParams,
+        tokenizer: Tokenizer,
+        deadline: float | None,
+    ) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.deadline = deadline
+        self.generator: torch.Generator
+        self.generator, self.seed = make_generator(params.seed)
+        self.text = TextStream(tokenizer, params.stop)
+        self.generated: list[int] = []
+        self.finish: FinishReason | None = None
+        self.cancelled = False
+        self.steps = 0
+        self.arrived = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        #: Filled by the step thread, moved to ``queue`` by the loop after the step.
+        self.outbox: list[GenerationEvent] = []
+        self.queue: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+        self.ended = False
+
+    @property
+    def live(self) -> bool:
+        return self.finish is None and not self.cancelled
+
+    def accept(self, token: int) -> None:
+        """Record a sampled token and decide whether the sequence is done (step thread)."""
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.generated.append(token)
+        piece, stopped = self.text.push(token)
+        if stopped:
+            self.finish = FinishReason.STOP
+        elif len(self.generated) >= self.params.max_new_tokens:
+            self.finish = FinishReason.LENGTH
+            piece += self.text.finish()
+        self.outbox.append(GenerationChunk((token,), piece))
+        if self.finish is not None:
+            self.outbox.append(self.summary(self.finish))
+
+    def summary(self, reason: FinishReason) -> GenerationSummary:
+        end = self.last_token_at or time.perf_counter()
+        first = self.first_token_at
+        elapsed = end - self.arrived
+        count = len(self.generated)
+        return GenerationSummary(
+            finish_reason=reason,
+            prompt_tokens=len(self.params.prompt),
+            generated_tokens=count,
+            time_to_first_token_s=(first - self.arrived) if first is not None else 0.0,
+            tokens_per_second=count / elapsed if count and elapsed > 0 else 0.0,
+            steps=self.steps,
+            seed=self.seed,
+        )
