@@ -39,7 +39,7 @@ from edgeinferd.dataplane import (
     InferenceResponse,
     monotonic_deadline,
 )
-from edgeinferd.errors import InvalidInput
+from edgeinferd.errors import EdgeInferError, InvalidInput
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelState
 from edgeinferd.protocol.status import status_for
 from edgeinferd.protocol.v1 import STREAM_PIPELINE_DEPTH, caller_of
@@ -358,7 +358,7 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         try:
             self.dataplane.serving(request.name, request.version)
-        except Exception:
+        except EdgeInferError:  # unknown, not serving, wrong version, invalid name
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
