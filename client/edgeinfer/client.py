@@ -8,6 +8,7 @@ failure raises ``EdgeInferError`` carrying the gRPC status code and message.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import grpc
 import grpc.aio
 import numpy as np
 
+from edgeinfer.shm import SharedMemoryRegion
 from edgeinfer.tensors import DTYPE_NAMES, from_proto, to_proto
 from edgeinfer.v1 import health_pb2, inference_pb2, inference_pb2_grpc
 
@@ -174,8 +176,42 @@ def build_request(
     return request
 
 
-def decode_outputs(response: inference_pb2.PredictResponse) -> Outputs:
-    return {tensor.name: from_proto(tensor) for tensor in response.outputs}
+def decode_outputs(
+    response: inference_pb2.PredictResponse, region: SharedMemoryRegion | None = None
+) -> Outputs:
+    return {
+        tensor.name: region.read(tensor)
+        if region is not None and tensor.HasField("shared_memory")
+        else from_proto(tensor)
+        for tensor in response.outputs
+    }
+
+
+def build_shm_request(
+    model: str,
+    inputs: Inputs,
+    region: SharedMemoryRegion,
+    version: str = "",
+    request_id: str = "",
+    outputs: Iterable[str] = (),
+    outputs_in_shared_memory: bool = False,
+) -> inference_pb2.PredictRequest:
+    """Inputs go into ``region``; named outputs may come back in the space after them."""
+    if not region.registered:
+        raise ValueError(f"register shared-memory region {region.name!r} with the daemon first")
+    request = inference_pb2.PredictRequest(model=model, version=version, id=request_id)
+    used = region.write_inputs(dict(inputs), request)
+    names = list(outputs)
+    if outputs_in_shared_memory and not names:
+        raise ValueError("name the outputs to receive in shared memory")
+    share = ((region.byte_size - used) // max(len(names), 1)) // 64 * 64
+    for index, name in enumerate(names):
+        wanted = request.outputs.add(name=name)
+        if outputs_in_shared_memory:
+            wanted.shared_memory.region = region.name
+            wanted.shared_memory.offset = used + index * share
+            wanted.shared_memory.byte_size = share
+    return request
 
 
 def decode_stream_result(message: inference_pb2.PredictStreamResponse) -> StreamResult:
@@ -217,6 +253,7 @@ class Client:
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
         )
         self._ids = itertools.count(1)
+        self._shm_lock = threading.Lock()
 
     def __enter__(self) -> Client:
         return self
@@ -242,10 +279,39 @@ class Client:
         outputs: Iterable[str] = (),
         request_id: str = "",
         timeout: float | None = None,
+        shared_memory: SharedMemoryRegion | None = None,
+        outputs_in_shared_memory: bool = False,
     ) -> Outputs:
-        """Run one request; returns the outputs by name."""
-        request = build_request(model, inputs, version, request_id, outputs)
-        return decode_outputs(self._call(self._stub.Predict, request, timeout))
+        """Run one request; returns the outputs by name.
+
+        With ``shared_memory`` (a registered region), the inputs travel through
+        it instead of the message; with ``outputs_in_shared_memory`` too, the
+        named outputs come back through it.
+        """
+        if shared_memory is None:
+            request = build_request(model, inputs, version, request_id, outputs)
+            return decode_outputs(self._call(self._stub.Predict, request, timeout))
+        with self._shm_lock:  # one call at a time may use a region's bytes
+            request = build_shm_request(
+                model, inputs, shared_memory, version, request_id, outputs, outputs_in_shared_memory
+            )
+            response = self._call(self._stub.Predict, request, timeout)
+            return decode_outputs(response, shared_memory)
+
+    def register_shared_memory(self, region: SharedMemoryRegion) -> None:
+        """Let the daemon map ``region`` (it must run on this device)."""
+        request = inference_pb2.RegisterSharedMemoryRequest(
+            name=region.name, key=region.key, offset=0, byte_size=region.byte_size
+        )
+        self._call(self._stub.RegisterSharedMemory, request, None)
+        region.registered = True
+
+    def unregister_shared_memory(self, region: SharedMemoryRegion | None = None) -> None:
+        """Ask the daemon to unmap ``region`` (or every region, when None)."""
+        request = inference_pb2.UnregisterSharedMemoryRequest(name=region.name if region else "")
+        self._call(self._stub.UnregisterSharedMemory, request, None)
+        if region is not None:
+            region.registered = False
 
     def stream(
         self,

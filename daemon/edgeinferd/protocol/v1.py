@@ -7,14 +7,24 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import numpy as np
 
-from edgeinfer.tensors import DTYPES_BY_NAME, from_proto, to_proto
+from edgeinfer.tensors import (
+    DTYPES_BY_NAME,
+    NUMPY_DTYPES,
+    TensorError,
+    dtype_code,
+    from_bytes,
+    from_proto,
+    to_proto,
+)
 from edgeinfer.v1 import inference_pb2 as pb
-from edgeinfer.v1 import inference_pb2_grpc
+from edgeinfer.v1 import inference_pb2_grpc, tensor_pb2
 from edgeinferd.dataplane import Caller, DataPlane, InferenceRequest, monotonic_deadline
 from edgeinferd.errors import InvalidInput
 from edgeinferd.models import ModelEntry
 from edgeinferd.protocol.status import status_for
+from edgeinferd.shm import SharedMemoryRegistry
 
 #: Messages of one stream being worked on at once; reading pauses beyond it.
 STREAM_PIPELINE_DEPTH = 64
@@ -22,7 +32,9 @@ STREAM_PIPELINE_DEPTH = 64
 _STATES = {"READY": pb.READY, "LOADING": pb.LOADING, "FAILED": pb.FAILED, "UNLOADED": pb.UNLOADED}
 
 
-def decode_request(message: pb.PredictRequest, time_remaining: float | None) -> InferenceRequest:
+def decode_request(
+    message: pb.PredictRequest, time_remaining: float | None, shm: SharedMemoryRegistry
+) -> InferenceRequest:
     inputs = {}
     for tensor in message.inputs:
         if not tensor.name:
@@ -30,11 +42,14 @@ def decode_request(message: pb.PredictRequest, time_remaining: float | None) -> 
         if tensor.name in inputs:
             raise InvalidInput(f"input {tensor.name!r} appears twice")
         if tensor.HasField("shared_memory"):
-            raise InvalidInput(
-                f"input {tensor.name!r} refers to shared-memory region"
-                f" {tensor.shared_memory.region!r}, which is not registered"
-            )
-        inputs[tensor.name] = from_proto(tensor)
+            ref = tensor.shared_memory
+            data = shm.get(ref.region).slice(ref.offset, ref.byte_size, f"input {tensor.name!r}")
+            try:
+                inputs[tensor.name] = from_bytes(tensor.dtype, tuple(tensor.shape), data)
+            except TensorError as error:
+                raise TensorError(f"tensor {tensor.name!r} {error}") from None
+        else:
+            inputs[tensor.name] = from_proto(tensor)
     return InferenceRequest(
         model=message.model,
         version=message.version,
@@ -43,6 +58,31 @@ def decode_request(message: pb.PredictRequest, time_remaining: float | None) -> 
         outputs=[o.name for o in message.outputs],
         deadline=monotonic_deadline(time_remaining),
     )
+
+
+def write_to_shared_memory(
+    shm: SharedMemoryRegistry,
+    name: str,
+    array: np.ndarray,
+    target: tensor_pb2.SharedMemoryRef,
+    tensor: tensor_pb2.Tensor,
+) -> None:
+    """Put an output's bytes into the caller's region; the response says where."""
+    code = dtype_code(array.dtype)
+    array = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
+    if array.nbytes > target.byte_size:
+        raise InvalidInput(
+            f"output {name!r} needs {array.nbytes} bytes;"
+            f" its shared-memory slice has {target.byte_size}"
+        )
+    view = shm.get(target.region).slice(target.offset, array.nbytes, f"output {name!r}")
+    view[:] = array.reshape(-1).view(np.uint8).data
+    tensor.name = name
+    tensor.dtype = code  # type: ignore[assignment]
+    tensor.shape.extend(array.shape)
+    tensor.shared_memory.region = target.region
+    tensor.shared_memory.offset = target.offset
+    tensor.shared_memory.byte_size = array.nbytes
 
 
 def model_info(entry: ModelEntry, dataplane: DataPlane) -> pb.ModelInfo:
@@ -95,11 +135,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def _respond(
         self, message: pb.PredictRequest, time_remaining: float | None
     ) -> pb.PredictResponse:
-        request = decode_request(message, time_remaining)
+        shm = self.dataplane.shared_memory
+        request = decode_request(message, time_remaining, shm)
         result = await self.dataplane.infer(request)
         response = pb.PredictResponse(model=result.model, version=result.version, id=result.id)
+        targets = {o.name: o.shared_memory for o in message.outputs if o.HasField("shared_memory")}
         for name, array in result.outputs.items():
-            to_proto(name, array, response.outputs.add())
+            tensor = response.outputs.add()
+            target = targets.get(name)
+            if target is None:
+                to_proto(name, array, tensor)
+            else:
+                write_to_shared_memory(shm, name, array, target, tensor)
         return response
 
     async def Predict(
@@ -185,6 +232,41 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except Exception as error:
             await context.abort(*status_for(error))
             raise
+
+    async def RegisterSharedMemory(
+        self, request: pb.RegisterSharedMemoryRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RegisterSharedMemoryResponse:
+        try:
+            self.dataplane.shared_memory.register(
+                request.name, request.key, request.offset, request.byte_size
+            )
+        except Exception as error:
+            await context.abort(*status_for(error))
+            raise
+        return pb.RegisterSharedMemoryResponse()
+
+    async def UnregisterSharedMemory(
+        self, request: pb.UnregisterSharedMemoryRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UnregisterSharedMemoryResponse:
+        try:
+            self.dataplane.shared_memory.unregister(request.name)
+        except Exception as error:
+            await context.abort(*status_for(error))
+            raise
+        return pb.UnregisterSharedMemoryResponse()
+
+    async def ListSharedMemory(
+        self, request: pb.ListSharedMemoryRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListSharedMemoryResponse:
+        regions = self.dataplane.shared_memory.regions()
+        return pb.ListSharedMemoryResponse(
+            regions=[
+                pb.SharedMemoryRegion(
+                    name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+                )
+                for r in regions
+            ]
+        )
 
 
 __all__ = ["InferenceServicer", "decode_request", "model_info"]
