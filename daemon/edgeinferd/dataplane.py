@@ -9,7 +9,7 @@ and delegate here, so validation, batching and execution exist once.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,7 +102,7 @@ class DataPlane:
             outputs={names[i]: results[i] for i in wanted},
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Validate, take a slot (or fail with Overloaded at once), then stream the tokens.
 
         Closing this iterator early cancels the generation and frees its slot.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,8 +21,15 @@ from edgeinfer.tensors import (
 )
 from edgeinfer.v1 import inference_pb2 as pb
 from edgeinfer.v1 import inference_pb2_grpc, tensor_pb2
-from edgeinferd.dataplane import Caller, DataPlane, InferenceRequest, monotonic_deadline
+from edgeinferd.dataplane import (
+    Caller,
+    DataPlane,
+    GenerationRequest,
+    InferenceRequest,
+    monotonic_deadline,
+)
 from edgeinferd.errors import InvalidInput
+from edgeinferd.generation.sequence import GenerationChunk, GenerationEvent
 from edgeinferd.models import ModelEntry
 from edgeinferd.protocol.status import status_for
 from edgeinferd.shm import SharedMemoryRegistry
@@ -83,6 +91,39 @@ def write_to_shared_memory(
     tensor.shared_memory.region = target.region
     tensor.shared_memory.offset = target.offset
     tensor.shared_memory.byte_size = array.nbytes
+
+
+def decode_generate(message: pb.GenerateRequest, time_remaining: float | None) -> GenerationRequest:
+    prompt: str | list[int] = (
+        list(message.tokens.ids) if message.WhichOneof("prompt") == "tokens" else message.text
+    )
+    return GenerationRequest(
+        model=message.model,
+        prompt=prompt,
+        max_new_tokens=message.max_new_tokens,
+        version=message.version,
+        id=message.id,
+        temperature=message.temperature,
+        top_k=message.top_k,
+        top_p=message.top_p if message.HasField("top_p") else None,
+        seed=message.seed if message.HasField("seed") else None,
+        stop=list(message.stop),
+        deadline=monotonic_deadline(time_remaining),
+    )
+
+
+def encode_generation_event(request_id: str, event: GenerationEvent) -> pb.GenerateResponse:
+    if isinstance(event, GenerationChunk):
+        chunk = pb.GenerateChunk(token_ids=event.token_ids, text=event.text)
+        return pb.GenerateResponse(id=request_id, chunk=chunk)
+    summary = pb.GenerateSummary(
+        finish_reason=event.finish_reason.value,
+        prompt_tokens=event.prompt_tokens,
+        generated_tokens=event.generated_tokens,
+        time_to_first_token_s=event.time_to_first_token_s,
+        tokens_per_second=event.tokens_per_second,
+    )
+    return pb.GenerateResponse(id=request_id, summary=summary)
 
 
 def model_info(entry: ModelEntry, dataplane: DataPlane) -> pb.ModelInfo:
@@ -198,6 +239,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 if leftover is not None:
                     leftover.cancel()
 
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            events = self.dataplane.generate(decode_generate(request, context.time_remaining()))
+            # Closed explicitly when the call ends (cancel, deadline): that frees the slot.
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield encode_generation_event(request.id, event)
+        except Exception as error:
+            await context.abort(*status_for(error, request.id))
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
@@ -269,4 +322,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
 
 
-__all__ = ["InferenceServicer", "decode_request", "model_info"]
+__all__ = [
+    "InferenceServicer",
+    "decode_generate",
+    "decode_request",
+    "encode_generation_event",
+    "model_info",
+]
