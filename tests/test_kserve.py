@@ -23,6 +23,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from google.protobuf import descriptor_pool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
@@ -96,6 +100,23 @@ def test_server_metadata_names_edgeinferd_and_its_extensions(
     assert metadata["name"] == "edgeinferd"
     assert metadata["version"] == edgeinferd.__version__
     assert {"model_repository", "model_configuration", "statistics"} <= set(metadata["extensions"])
+
+
+def test_reflection_describes_the_v2_service(daemon: Daemon) -> None:
+    """Server reflection lists inference.GRPCInferenceService and resolves its methods."""
+    with grpc.insecure_channel(daemon.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert "inference.GRPCInferenceService" in set(database.get_services())
+        # A private pool: tritonclient already holds these names in the default one.
+        pool = descriptor_pool.DescriptorPool(database)
+        service = pool.FindServiceByName("inference.GRPCInferenceService")
+        methods = {m.name: m for m in service.methods}
+        assert {"ModelInfer", "ModelStreamInfer", "RepositoryIndex"} <= set(methods)
+        stream = methods["ModelStreamInfer"].output_type
+        assert [(f.name, f.number) for f in stream.fields] == [
+            ("error_message", 1),
+            ("infer_response", 2),
+        ]
 
 
 def test_model_ready_only_for_serving_models_and_versions(
