@@ -3,7 +3,25 @@
 Imports grpcio, protobuf and numpy only; never torch.
 """
 
-from edgeinfer.client import AsyncClient, Client, EdgeInferError, ModelInfo, StreamResult
+from edgeinfer.client import (
+    AsyncClient,
+    Client,
+    EdgeInferError,
+    GenerateChunk,
+    GenerateResult,
+    GenerateSummary,
+    ModelInfo,
+    StreamResult,
+)
 
 __version__ = "0.1.0"
-__all__ = ["AsyncClient", "Client", "EdgeInferError", "ModelInfo", "StreamResult"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "EdgeInferError",
+    "GenerateChunk",
+    "GenerateResult",
+    "GenerateSummary",
+    "ModelInfo",
+    "StreamResult",
+]

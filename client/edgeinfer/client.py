@@ -126,6 +126,102 @@ class StreamResult:
 
 
 @dataclass(frozen=True)
+class GenerateChunk:
+    """Newly generated tokens and the text they decode to.
+
+    The text may lag the ids by a few characters: text that could begin a stop
+    sequence, or an incomplete UTF-8 character, is held until it is settled.
+    """
+
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerateSummary:
+    """The last message of a generation."""
+
+    #: "LENGTH" (max_new_tokens reached), "STOP" (a stop sequence) or "CANCELLED"
+    #: (the daemon stopped it: model unloaded, daemon shutting down).
+    finish_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    time_to_first_token_s: float
+    tokens_per_second: float
+
+
+GenerateEvent = GenerateChunk | GenerateSummary
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """A whole generation, collected."""
+
+    text: str
+    token_ids: list[int]
+    summary: GenerateSummary
+
+
+def collect_generation(events: Iterable[GenerateEvent]) -> GenerateResult:
+    """Join a generation's chunks; the stream must end with its summary."""
+    texts: list[str] = []
+    ids: list[int] = []
+    for event in events:
+        if isinstance(event, GenerateSummary):
+            return GenerateResult("".join(texts), ids, event)
+        texts.append(event.text)
+        ids.extend(event.token_ids)
+    raise EdgeInferError(grpc.StatusCode.UNKNOWN, "the generation ended without a summary")
+
+
+def build_generate_request(
+    model: str,
+    prompt: str | Iterable[int],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Iterable[str] = (),
+    version: str = "",
+    request_id: str = "",
+) -> inference_pb2.GenerateRequest:
+    """``prompt`` is text, or token ids of the model's vocabulary."""
+    request = inference_pb2.GenerateRequest(
+        model=model,
+        version=version,
+        id=request_id,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        stop=list(stop),
+    )
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.tokens.ids.extend(prompt)
+    if top_p is not None:
+        request.top_p = top_p
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+def decode_generate_event(message: inference_pb2.GenerateResponse) -> GenerateEvent:
+    if message.HasField("summary"):
+        summary = message.summary
+        return GenerateSummary(
+            finish_reason=inference_pb2.FinishReason.Name(summary.finish_reason),
+            prompt_tokens=summary.prompt_tokens,
+            generated_tokens=summary.generated_tokens,
+            time_to_first_token_s=summary.time_to_first_token_s,
+            tokens_per_second=summary.tokens_per_second,
+        )
+    return GenerateChunk(tuple(message.chunk.token_ids), message.chunk.text)
+
+
+@dataclass(frozen=True)
 class TlsOptions:
     """PEM bytes: the CA that signed the daemon's cert; a client cert+key for mutual TLS."""
 
@@ -335,6 +431,81 @@ class Client:
         except grpc.RpcError as error:
             raise EdgeInferError.from_rpc(error) from None
 
+    def generate(
+        self,
+        model: str,
+        prompt: str | Iterable[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        version: str = "",
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Iterator[GenerateEvent]:
+        """Stream a generation: chunks as tokens are made, then one GenerateSummary.
+
+        ``temperature`` 0 is greedy; ``seed`` makes sampling reproducible; the
+        text stops before any of ``stop``. Leaving the loop early cancels the
+        call, which stops the generation on the daemon and frees its slot.
+        """
+        request = build_generate_request(
+            model,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            version=version,
+            request_id=request_id,
+        )
+        call = self._stub.Generate(
+            request, timeout=timeout if timeout is not None else self.timeout
+        )
+        try:
+            for message in call:
+                yield decode_generate_event(message)
+        except grpc.RpcError as error:
+            raise EdgeInferError.from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    def generate_text(
+        self,
+        model: str,
+        prompt: str | Iterable[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        version: str = "",
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """The whole generation at once (same parameters as ``generate``)."""
+        events = self.generate(
+            model,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            version=version,
+            request_id=request_id,
+            timeout=timeout,
+        )
+        return collect_generation(events)
+
     def list_models(self) -> list[ModelInfo]:
         response = self._call(self._stub.ListModels, inference_pb2.ListModelsRequest(), None)
         return [ModelInfo.from_proto(m) for m in response.models]
@@ -440,6 +611,83 @@ class AsyncClient:
             raise EdgeInferError.from_rpc(error) from None
         finally:
             call.cancel()
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str | Iterable[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        version: str = "",
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> AsyncIterator[GenerateEvent]:
+        """Stream a generation (see ``Client.generate``); leaving early cancels it."""
+        request = build_generate_request(
+            model,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            version=version,
+            request_id=request_id,
+        )
+        call = self._stub.Generate(
+            request, timeout=timeout if timeout is not None else self.timeout
+        )
+        try:
+            async for message in call:
+                yield decode_generate_event(message)
+        except grpc.RpcError as error:
+            raise EdgeInferError.from_rpc(error) from None
+        finally:
+            call.cancel()
+
+    async def generate_text(
+        self,
+        model: str,
+        prompt: str | Iterable[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: Iterable[str] = (),
+        version: str = "",
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """The whole generation at once (same parameters as ``generate``)."""
+        texts: list[str] = []
+        ids: list[int] = []
+        events = self.generate(
+            model,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            version=version,
+            request_id=request_id,
+            timeout=timeout,
+        )
+        async for event in events:
+            if isinstance(event, GenerateSummary):
+                return GenerateResult("".join(texts), ids, event)
+            texts.append(event.text)
+            ids.extend(event.token_ids)
+        raise EdgeInferError(grpc.StatusCode.UNKNOWN, "the generation ended without a summary")
 
     async def list_models(self) -> list[ModelInfo]:
         response = await self._call(self._stub.ListModels, inference_pb2.ListModelsRequest(), None)
