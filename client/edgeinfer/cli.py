@@ -4,6 +4,7 @@
     edgeinfer predict MODEL INPUT...        (x.npz, name=x.npy, x.json, or - for JSON on stdin)
     edgeinfer stream MODEL FILE|-           (one message per row of the file, or per stdin line)
     edgeinfer health [MODEL]
+    edgeinfer generate MODEL PROMPT|-       (text as it is generated; --json: one object per chunk)
 
 ``--json`` prints machine-readable output. Failures exit non-zero with one
 line on stderr: ``edgeinfer: NOT_FOUND: model 'x' is not in the repository``.
@@ -21,7 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from edgeinfer.client import DEFAULT_ADDRESS, Client, EdgeInferError, ModelInfo, TlsOptions
+from edgeinfer.client import (
+    DEFAULT_ADDRESS,
+    Client,
+    EdgeInferError,
+    GenerateSummary,
+    ModelInfo,
+    TlsOptions,
+)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -74,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = commands.add_parser("health", help="is the daemon (or a model) serving?")
     health.add_argument("model", nargs="?", default="")
+
+    generate = commands.add_parser("generate", help="stream text from a generative model")
+    generate.add_argument("model")
+    generate.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate.add_argument("--top-k", type=int, default=0, help="0: off")
+    generate.add_argument("--top-p", type=float, help="nucleus mass in (0, 1]; default off")
+    generate.add_argument("--seed", type=int, help="makes sampling reproducible")
+    generate.add_argument(
+        "--stop", action="append", default=[], help="end before this text (repeatable)"
+    )
+    generate.add_argument("--version", default="")
     return parser
 
 
@@ -133,11 +154,50 @@ def _run(client: Client, args: argparse.Namespace) -> int:
                 line = {"id": result.id, **{k: v.tolist() for k, v in result.outputs.items()}}
             print(json.dumps(line) if args.json else _text_line(line), flush=True)
         return EXIT_FAILED if failures else 0
+    if args.command == "generate":
+        return _generate(client, args)
     if args.command == "health":
         status = client.health(args.model)
         print(json.dumps({"service": args.model, "status": status}) if args.json else status)
         return 0 if status == "SERVING" else EXIT_FAILED
     raise UsageError(f"unknown command {args.command!r}")
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    """Print text as it arrives; the summary goes to stderr (or is the last JSON line)."""
+    from dataclasses import asdict
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    events = client.generate(
+        args.model,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        version=args.version,
+    )
+    for event in events:
+        if args.json:
+            line = asdict(event)
+            if "token_ids" in line:
+                line["token_ids"] = list(line["token_ids"])
+            print(json.dumps(line), flush=True)
+        elif isinstance(event, GenerateSummary):
+            print(flush=True)
+            print(
+                f"[{event.finish_reason}: {event.prompt_tokens} prompt +"
+                f" {event.generated_tokens} generated tokens,"
+                f" first token {event.time_to_first_token_s * 1000:.1f} ms,"
+                f" {event.tokens_per_second:.1f} tokens/s]",
+                file=sys.stderr,
+            )
+        else:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    return 0
 
 
 def _models(client: Client, args: argparse.Namespace) -> int:
