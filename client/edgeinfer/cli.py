@@ -28,6 +28,7 @@ from edgeinfer.client import (
     EdgeInferError,
     GenerateSummary,
     ModelInfo,
+    Stats,
     TlsOptions,
 )
 
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop", action="append", default=[], help="end before this text (repeatable)"
     )
     generate.add_argument("--version", default="")
+
+    commands.add_parser("stats", help="requests, failures and latency per model")
     return parser
 
 
@@ -160,7 +163,38 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         status = client.health(args.model)
         print(json.dumps({"service": args.model, "status": status}) if args.json else status)
         return 0 if status == "SERVING" else EXIT_FAILED
+    if args.command == "stats":
+        _print_stats(client.get_stats(), args.json)
+        return 0
     raise UsageError(f"unknown command {args.command!r}")
+
+
+def _print_stats(stats: Stats, as_json: bool) -> None:
+    if as_json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(stats), indent=2))
+        return
+    print(
+        f"uptime {stats.uptime_seconds:.0f} s, {stats.in_flight} call(s) in flight,"
+        f" resident memory {stats.resident_memory_bytes / 2**20:.1f} MiB"
+    )
+    header = f"{'model':24} {'ver':>4} {'ok':>9} {'failed':>7} {'mean ms':>8} {'queue ms':>9}"
+    header += f" {'compute ms':>10} {'rows/batch':>10}"
+    print(header)
+    for model in stats.models:
+        ok = model.requests_by_status.get("OK", 0)
+        failed = sum(model.requests_by_status.values()) - ok
+
+        def mean(total: float, count: int = ok) -> str:
+            return f"{total / count * 1000:.3f}" if count else "-"
+
+        rows = f"{model.batched_rows / model.batches:.1f}" if model.batches else "-"
+        print(
+            f"{model.model:24} {model.version:>4} {ok:>9} {failed:>7}"
+            f" {mean(model.total_seconds_sum):>8} {mean(model.queue_seconds_sum):>9}"
+            f" {mean(model.compute_seconds_sum):>10} {rows:>10}"
+        )
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:

@@ -113,6 +113,53 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class ModelStats:
+    model: str
+    version: str
+    state: str
+    requests_by_status: dict[str, int]
+    batches: int
+    batched_rows: int
+    queued: int
+    in_flight: int
+    queue_seconds_sum: float
+    compute_seconds_sum: float
+    total_seconds_sum: float
+
+
+@dataclass(frozen=True)
+class Stats:
+    models: list[ModelStats]
+    in_flight: int
+    resident_memory_bytes: int
+    uptime_seconds: float
+
+    @classmethod
+    def from_proto(cls, stats: inference_pb2.Stats) -> Stats:
+        return cls(
+            models=[
+                ModelStats(
+                    model=m.model,
+                    version=m.version,
+                    state=_STATE_NAMES.get(m.state, "UNKNOWN"),
+                    requests_by_status=dict(m.requests_by_status),
+                    batches=m.batches,
+                    batched_rows=m.batched_rows,
+                    queued=m.queued,
+                    in_flight=m.in_flight,
+                    queue_seconds_sum=m.queue_seconds_sum,
+                    compute_seconds_sum=m.compute_seconds_sum,
+                    total_seconds_sum=m.total_seconds_sum,
+                )
+                for m in stats.models
+            ],
+            in_flight=stats.in_flight,
+            resident_memory_bytes=stats.resident_memory_bytes,
+            uptime_seconds=stats.uptime_seconds,
+        )
+
+
+@dataclass(frozen=True)
 class StreamResult:
     """One answer on a stream: outputs, or the error for that message alone."""
 
@@ -526,6 +573,12 @@ class Client:
         """'SERVING', 'NOT_SERVING', ... for the daemon ("") or one model by name."""
         return _health_name(self._call(self._health, _health_request(service), timeout))
 
+    def get_stats(self) -> Stats:
+        """Requests by status, latency sums and batch counts per model version."""
+        return Stats.from_proto(
+            self._call(self._stub.GetStats, inference_pb2.GetStatsRequest(), None)
+        )
+
 
 class AsyncClient:
     """asyncio client; create it inside a running event loop and ``await close()``."""
@@ -707,3 +760,7 @@ class AsyncClient:
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         return _health_name(await self._call(self._health, _health_request(service), timeout))
+
+    async def get_stats(self) -> Stats:
+        request = inference_pb2.GetStatsRequest()
+        return Stats.from_proto(await self._call(self._stub.GetStats, request, None))

@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -42,6 +43,15 @@ class _Call:
     future: asyncio.Future[list[np.ndarray]]
     deadline: float | None
     enqueued: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+    finished: float = 0.0
+
+
+class Completed(NamedTuple):
+    outputs: list[np.ndarray]
+    #: Seconds from queueing to the start of the forward pass, and of the pass itself.
+    queue_s: float
+    compute_s: float
 
 
 @dataclass
@@ -52,6 +62,8 @@ class BatchStats:
     rows: int = 0
     expired: int = 0
     rejected: int = 0
+    #: Forward passes by their number of rows.
+    sizes: Counter[int] = field(default_factory=Counter)
 
 
 class Batcher:
@@ -79,7 +91,7 @@ class Batcher:
 
     async def submit(
         self, inputs: Sequence[np.ndarray], deadline: float | None = None
-    ) -> list[np.ndarray]:
+    ) -> Completed:
         """Queue one validated call and wait for its outputs.
 
         ``deadline`` is a ``time.monotonic()`` instant; a call still queued
@@ -104,12 +116,13 @@ class Batcher:
         self._queue.append(call)
         self._wakeup.set()
         try:
-            return await call.future
+            outputs = await call.future
         except asyncio.CancelledError:
             # The caller went away: free its queue slot now, not when it is reached.
             with contextlib.suppress(ValueError):
                 self._queue.remove(call)
             raise
+        return Completed(outputs, call.started - call.enqueued, call.finished - call.started)
 
     async def close(self) -> None:
         """Stop taking calls, finish those queued and running, then stop consumers."""
@@ -193,6 +206,7 @@ class Batcher:
 
     async def _run_batch(self, calls: list[_Call]) -> None:
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(self._executor, self._run_calls, calls)
         except EdgeInferError as error:
@@ -208,9 +222,13 @@ class Batcher:
                 if not call.future.done():
                     call.future.set_exception(failure)
             return
+        rows = sum(c.rows for c in calls)
         self.stats.batches += 1
-        self.stats.rows += sum(c.rows for c in calls)
+        self.stats.rows += rows
+        self.stats.sizes[rows] += 1
+        finished = time.perf_counter()
         for call, result in zip(calls, outputs, strict=True):
+            call.started, call.finished = started, finished
             if not call.future.done():
                 call.future.set_result(result)
 

@@ -8,6 +8,7 @@ and delegate here, so validation, batching and execution exist once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ import numpy as np
 import structlog
 
 from edgeinfer.tensors import shape_repr
-from edgeinferd.errors import InvalidInput, ModelExecutionError, PermissionDenied
+from edgeinferd.errors import Cancelled, InvalidInput, ModelExecutionError, PermissionDenied
 from edgeinferd.generation import params as generation_params
 from edgeinferd.generation.sequence import GenerationEvent
+from edgeinferd.metrics import Metrics
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelManager
 from edgeinferd.repository import ModelConfig, check_model_name
 from edgeinferd.shm import SharedMemoryRegistry
@@ -44,6 +46,8 @@ class InferenceResponse:
     version: str
     id: str
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    queue_s: float = 0.0
+    compute_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -75,15 +79,41 @@ class DataPlane:
         self.management = management
         #: Regions callers registered for tensors in shared memory (every protocol uses these).
         self.shared_memory = SharedMemoryRegistry()
+        self.metrics = Metrics()
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        """Validate, queue, run and answer one call; every outcome is counted."""
+        started = time.perf_counter()
+        self.metrics.in_flight += 1
+        try:
+            response = await self._infer(request)
+        except BaseException as error:
+            if isinstance(error, asyncio.CancelledError):
+                error = Cancelled("the caller cancelled the call")
+            self.metrics.record(
+                request.model, request.version, error, time.perf_counter() - started
+            )
+            raise
+        finally:
+            self.metrics.in_flight -= 1
+        self.metrics.record(
+            request.model,
+            response.version,
+            None,
+            time.perf_counter() - started,
+            response.queue_s,
+            response.compute_s,
+        )
+        return response
+
+    async def _infer(self, request: InferenceRequest) -> InferenceResponse:
         loaded = self.models.serving(request.model, request.version)
         if loaded.engine is not None:
             raise InvalidInput(f"model {request.model!r} is generative; call Generate")
         arrays = validate_inputs(loaded.config, request.inputs)
         wanted = select_outputs(loaded.config, request.outputs)
         try:
-            results = await loaded.batcher.submit(arrays, request.deadline)
+            completed = await loaded.batcher.submit(arrays, request.deadline)
         except ModelExecutionError as error:
             log.error(
                 "forward pass failed",
@@ -99,7 +129,9 @@ class DataPlane:
             model=request.model,
             version=loaded.version,
             id=request.id,
-            outputs={names[i]: results[i] for i in wanted},
+            outputs={names[i]: completed.outputs[i] for i in wanted},
+            queue_s=completed.queue_s,
+            compute_s=completed.compute_s,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from edgeinferd.config import DaemonConfig
 from edgeinferd.dataplane import DataPlane
 from edgeinferd.errors import EdgeInferError
+from edgeinferd.metrics import start_metrics_server
 from edgeinferd.models import ModelEntry, ModelManager, ModelState
 from edgeinferd.protocol import add_services
 from edgeinferd.repository import Repository
@@ -99,6 +100,15 @@ class Server:
             self._bind_unix(server, listen.unix)
         if listen.tcp is not None:
             self.tcp_port = self._bind_tcp(server, listen.tcp)
+        if self.config.metrics_listen is not None:
+            try:
+                start_metrics_server(
+                    self.config.metrics_listen, self.dataplane.metrics, self.models
+                )
+            except OSError as error:
+                raise StartupError(
+                    f"cannot serve metrics on {self.config.metrics_listen}: {error.strerror}"
+                ) from None
         await server.start()
         self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +31,7 @@ from edgeinferd.dataplane import (
 )
 from edgeinferd.errors import InvalidInput
 from edgeinferd.generation.sequence import GenerationChunk, GenerationEvent
+from edgeinferd.metrics import resident_memory_bytes
 from edgeinferd.models import ModelEntry
 from edgeinferd.protocol.status import status_for
 from edgeinferd.shm import SharedMemoryRegistry
@@ -165,6 +167,34 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def stats_message(dataplane: DataPlane) -> pb.Stats:
+    """The GetStats answer: the same numbers the metrics endpoint exports."""
+    metrics = dataplane.metrics
+    stats = pb.Stats(
+        in_flight=metrics.in_flight,
+        resident_memory_bytes=resident_memory_bytes(),
+        uptime_seconds=time.monotonic() - metrics.started,
+    )
+    entries = {entry.name: entry for entry in dataplane.list_models()}
+    for (model, version), counters in sorted(metrics.snapshot()):
+        entry = entries.get(model)
+        item = stats.models.add(model=model, version=version)
+        if entry is not None:
+            item.state = _STATES[entry.state.value]
+        item.requests_by_status.update(counters.requests)
+        item.queue_seconds_sum = counters.latency["queue"].total
+        item.compute_seconds_sum = counters.latency["compute"].total
+        item.total_seconds_sum = counters.latency["total"].total
+        serving = entry.serving if entry else None
+        batcher = getattr(serving, "batcher", None) if serving else None
+        if serving is not None and batcher is not None and serving.version == version:
+            item.batches = batcher.stats.batches
+            item.batched_rows = batcher.stats.rows
+            item.queued = batcher.queued
+            item.in_flight = batcher.in_flight
+    return stats
+
+
 def caller_of(context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
     return Caller(via_unix_socket=context.peer().startswith("unix:"))
 
@@ -285,6 +315,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except Exception as error:
             await context.abort(*status_for(error))
             raise
+
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.Stats:
+        return stats_message(self.dataplane)
 
     async def RegisterSharedMemory(
         self, request: pb.RegisterSharedMemoryRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -1,0 +1,185 @@
+"""Counters and latency histograms, kept cheaply on the hot path and read on demand.
+
+The data plane updates plain Python numbers from the event loop (no locks,
+no label lookups in prometheus-client per call); the Prometheus endpoint and
+the GetStats RPC read them when asked. Status labels are gRPC code names, so
+operators see the same vocabulary as callers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import resource
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from edgeinferd.protocol.status import GRPC_CODES
+
+if TYPE_CHECKING:
+    from edgeinferd.models import ModelManager
+
+#: Seconds; from 50 µs (a fast batch-1 call) to 10 s.
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+PHASES = ("queue", "compute", "total")
+
+
+@dataclass
+class Histogram:
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Prometheus buckets: (upper bound, count of observations <= bound)."""
+        running, result = 0, []
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            running += count
+            result.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return result
+
+
+@dataclass
+class ModelCounters:
+    requests: Counter[str] = field(default_factory=Counter)
+    latency: dict[str, Histogram] = field(default_factory=lambda: {p: Histogram() for p in PHASES})
+
+
+def status_name(error: BaseException | None) -> str:
+    if error is None:
+        return "OK"
+    for kind in type(error).__mro__:
+        code = GRPC_CODES.get(kind)
+        if code is not None:
+            return str(code.name)
+    return "INTERNAL"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.in_flight = 0
+        self.models: dict[tuple[str, str], ModelCounters] = {}
+
+    def record(
+        self,
+        model: str,
+        version: str,
+        error: BaseException | None,
+        total_s: float,
+        queue_s: float | None = None,
+        compute_s: float | None = None,
+    ) -> None:
+        counters = self.models.get((model, version))
+        if counters is None:
+            counters = self.models[(model, version)] = ModelCounters()
+        counters.requests[status_name(error)] += 1
+        if error is None:
+            counters.latency["total"].observe(total_s)
+            if queue_s is not None and compute_s is not None:
+                counters.latency["queue"].observe(queue_s)
+                counters.latency["compute"].observe(compute_s)
+
+    def snapshot(self) -> list[tuple[tuple[str, str], ModelCounters]]:
+        # list() of a dict's items is one C call: safe to take from the metrics thread.
+        return list(self.models.items())
+
+
+def resident_memory_bytes() -> int:
+    """Current RSS (not the peak that getrusage reports)."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+class PrometheusCollector:
+    """A prometheus-client collector that reads Metrics and the model states at scrape time."""
+
+    def __init__(self, metrics: Metrics, models: ModelManager) -> None:
+        self.metrics = metrics
+        self.models = models
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        requests = CounterMetricFamily(
+            "edgeinfer_requests",
+            "Inference calls answered, by model, version and gRPC status.",
+            labels=["model", "version", "status"],
+        )
+        latency = HistogramMetricFamily(
+            "edgeinfer_request_duration_seconds",
+            "Inference call latency in the daemon: queue (waiting for a batch), compute"
+            " (the forward pass) and total (decode to encode).",
+            labels=["model", "version", "phase"],
+        )
+        for (model, version), counters in self.metrics.snapshot():
+            for status, count in list(counters.requests.items()):
+                requests.add_metric([model, version, status], count)
+            for phase, histogram in counters.latency.items():
+                latency.add_metric([model, version, phase], histogram.cumulative(), histogram.total)
+        yield requests
+        yield latency
+
+        batches = HistogramMetricFamily(
+            "edgeinfer_batch_size", "Rows per forward pass.", labels=["model", "version"]
+        )
+        states = GaugeMetricFamily(
+            "edgeinfer_model_state", "1 for each model's current state.", labels=["model", "state"]
+        )
+        queued = GaugeMetricFamily(
+            "edgeinfer_queued_requests", "Calls waiting for a batch.", labels=["model"]
+        )
+        loaded = 0
+        for entry in self.models.entries():
+            states.add_metric([entry.name, entry.state.value], 1)
+            serving = entry.serving
+            if serving is None:
+                continue
+            loaded += 1
+            batcher = getattr(serving, "batcher", None)
+            if batcher is None:
+                continue
+            queued.add_metric([entry.name], batcher.queued)
+            sizes = sorted(batcher.stats.sizes.items())
+            running, buckets = 0, []
+            for size, count in sizes:
+                running += count
+                buckets.append((str(size), running))
+            buckets.append(("+Inf", running))
+            batches.add_metric(
+                [entry.name, serving.version], buckets, float(sum(s * c for s, c in sizes))
+            )
+        yield batches
+        yield states
+        yield queued
+        yield GaugeMetricFamily("edgeinfer_models_loaded", "Models serving.", value=loaded)
+        yield GaugeMetricFamily(
+            "edgeinfer_in_flight_requests", "Calls being served now.", value=self.metrics.in_flight
+        )
+
+
+def start_metrics_server(address: str, metrics: Metrics, models: ModelManager) -> None:
+    """Serve /metrics on ``host:port`` from a background thread (prometheus-client's server)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(PrometheusCollector(metrics, models))
+    ProcessCollector(registry=registry)
+    host, _, port = address.rpartition(":")
+    start_http_server(int(port), addr=host.strip("[]"), registry=registry)
