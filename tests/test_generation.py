@@ -199,7 +199,7 @@ def test_closing_the_call_ends_the_generation_in_the_daemon(
     events = client.generate("long", "abc", max_new_tokens=LONG, request_id="closed-early")
     for _ in range(3):
         next(events)
-    events.close()  # type: ignore[attr-defined]
+    events.close()
     ended = wait_for_end(daemon, "closed-early")
     assert ended["finish_reason"] == "CLIENT_CANCELLED"
     assert ended["generated_tokens"] < LONG // 2
@@ -292,7 +292,7 @@ def test_beyond_max_sequences_is_resource_exhausted_until_a_slot_frees(
         client.generate_text("long", "c", max_new_tokens=LONG)
     assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_sequences 2" in caught.value.message
-    first.close()  # type: ignore[attr-defined]
+    first.close()
     deadline = time.monotonic() + 5
     while True:
         try:
@@ -302,7 +302,7 @@ def test_beyond_max_sequences_is_resource_exhausted_until_a_slot_frees(
             if error.code is not grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
-    second.close()  # type: ignore[attr-defined]
+    second.close()
     assert result.summary.generated_tokens == 3
 
 

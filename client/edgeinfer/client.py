@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass
 from typing import Any
 
@@ -492,7 +500,7 @@ class Client:
         version: str = "",
         request_id: str = "",
         timeout: float | None = None,
-    ) -> Iterator[GenerateEvent]:
+    ) -> Generator[GenerateEvent, None, None]:
         """Stream a generation: chunks as tokens are made, then one GenerateSummary.
 
         ``temperature`` 0 is greedy; ``seed`` makes sampling reproducible; the
@@ -679,7 +687,7 @@ class AsyncClient:
         version: str = "",
         request_id: str = "",
         timeout: float | None = None,
-    ) -> AsyncIterator[GenerateEvent]:
+    ) -> AsyncGenerator[GenerateEvent, None]:
         """Stream a generation (see ``Client.generate``); leaving early cancels it."""
         request = build_generate_request(
             model,

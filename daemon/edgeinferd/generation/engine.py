@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import Executor
 
 import structlog
@@ -78,7 +78,7 @@ class GenerationEngine:
         self._wakeup.set()
         return sequence
 
-    async def stream(self, sequence: Sequence) -> AsyncIterator[GenerationEvent]:
+    async def stream(self, sequence: Sequence) -> AsyncGenerator[GenerationEvent, None]:
         """Chunks as they are made, then the summary. Leaving early cancels the sequence."""
         try:
             while True:
