@@ -96,13 +96,17 @@ class DataPlane:
             raise
         finally:
             self.metrics.in_flight -= 1
+        elapsed = time.perf_counter() - started
         self.metrics.record(
-            request.model,
-            response.version,
-            None,
-            time.perf_counter() - started,
-            response.queue_s,
-            response.compute_s,
+            request.model, response.version, None, elapsed, response.queue_s, response.compute_s
+        )
+        # A no-op unless the level is debug: the hot path pays one call.
+        log.debug(
+            "request",
+            model=request.model,
+            version=response.version,
+            request_id=request.id,
+            duration_ms=round(elapsed * 1000, 3),
         )
         return response
 
