@@ -384,16 +384,25 @@ def test_shared_memory_is_unimplemented(v2: triton.InferenceServerClient) -> Non
 # -- statistics and the repository extension -----------------------------------
 
 
-def test_statistics_count_rows_and_forward_passes(v2: triton.InferenceServerClient) -> None:
-    """Statistics grow by the rows inferred and the forward passes run."""
+def test_statistics_count_calls_rows_and_forward_passes(
+    v2: triton.InferenceServerClient,
+) -> None:
+    """Statistics grow by one successful call, its rows and one forward pass, with timings."""
 
-    def counts() -> tuple[int, int]:
-        stats = v2.get_inference_statistics("mlp").model_stats[0]
-        return stats.inference_count, stats.execution_count
+    def stats() -> Any:
+        return v2.get_inference_statistics("mlp").model_stats[0]
 
-    rows, passes = counts()
+    before = stats()
     v2.infer("mlp", [mlp_input(np.zeros((3, 16), np.float32))])
-    assert counts() == (rows + 3, passes + 1)
+    after = stats()
+    assert after.inference_count == before.inference_count + 3
+    assert after.execution_count == before.execution_count + 1
+    grown = after.inference_stats
+    assert grown.success.count == before.inference_stats.success.count + 1
+    assert grown.success.ns > before.inference_stats.success.ns
+    assert grown.queue.count == grown.compute_infer.count == grown.compute_output.count
+    assert grown.compute_infer.ns > before.inference_stats.compute_infer.ns
+    assert 3 in {b.batch_size for b in after.batch_stats}
     everything = v2.get_inference_statistics().model_stats
     assert "mlp" in {s.name for s in everything} and "corrupt" not in {s.name for s in everything}
 

@@ -40,6 +40,7 @@ from edgeinferd.dataplane import (
     monotonic_deadline,
 )
 from edgeinferd.errors import EdgeInferError, InvalidInput
+from edgeinferd.metrics import Metrics
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelState
 from edgeinferd.protocol.status import status_for
 from edgeinferd.protocol.v1 import STREAM_PIPELINE_DEPTH, caller_of
@@ -296,16 +297,50 @@ def model_config(loaded: LoadedVersion) -> model_config_pb2.ModelConfig:
     return result
 
 
-def model_statistics(loaded: LoadedVersion) -> pb.ModelStatistics:
-    """Counts the batcher keeps; the durations are not measured and stay zero."""
+def model_statistics(loaded: LoadedVersion, metrics: Metrics) -> pb.ModelStatistics:
+    """Triton's statistics from the data plane's call metrics and the batcher's counts.
+
+    Calls are counted per request (success, fail, queue, compute), rows and
+    forward passes per batcher. Triton splits compute into input, infer and
+    output; here the whole forward pass is ``compute_infer`` and the other two
+    carry the same count with no time, since tools require equal counts.
+    """
+    name, version = loaded.config.name, loaded.version
     stats = loaded.batcher.stats
-    return pb.ModelStatistics(
-        name=loaded.config.name,
-        version=loaded.version,
+    result = pb.ModelStatistics(
+        name=name,
+        version=version,
         inference_count=stats.rows,
         execution_count=stats.batches,
         inference_stats=pb.InferStatistics(),
     )
+    counters = metrics.models.get((name, version))
+    unversioned = metrics.models.get((name, ""))  # calls that failed before a version was chosen
+    inference = result.inference_stats
+    if counters is not None:
+        inference.success.count = counters.requests["OK"]
+        inference.success.ns = _ns(counters.latency["total"].total)
+        queue, compute = counters.latency["queue"], counters.latency["compute"]
+        inference.queue.count, inference.queue.ns = sum(queue.counts), _ns(queue.total)
+        computed = sum(compute.counts)
+        inference.compute_infer.count, inference.compute_infer.ns = computed, _ns(compute.total)
+        inference.compute_input.count = inference.compute_output.count = computed
+    inference.fail.count = sum(
+        count
+        for found in (counters, unversioned)
+        if found is not None
+        for status, count in found.requests.items()
+        if status != "OK"
+    )
+    for size, count in sorted(stats.sizes.items()):
+        batch = result.batch_stats.add(batch_size=size)
+        batch.compute_input.count = batch.compute_infer.count = count
+        batch.compute_output.count = count
+    return result
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * 1e9)
 
 
 def index_entry(entry: ModelEntry) -> pb.RepositoryIndexResponse.ModelIndex:
@@ -395,7 +430,9 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             else:
                 entries = self.dataplane.list_models()
                 loaded = [e.serving for e in entries if e.serving is not None]
-            return pb.ModelStatisticsResponse(model_stats=[model_statistics(v) for v in loaded])
+            return pb.ModelStatisticsResponse(
+                model_stats=[model_statistics(v, self.dataplane.metrics) for v in loaded]
+            )
         except Exception as error:
             await _abort(context, error)
 
