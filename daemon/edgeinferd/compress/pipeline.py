@@ -243,7 +243,9 @@ def run(recipe: Recipe, *, show_progress: bool = True) -> Outcome:
                 "report.json": report.dumps(report_json).encode(),
                 "report.png": png,
             }
-        description = out.description or f"{stage_name} stage of {recipe.path.name}"
+        description = out.description or f"compressed by {recipe.path.name}"
+        if model_name != out.model:
+            description = f"{description} ({stage_name} stage, for comparison)"
         versions[model_name] = export.write_version(
             out.repository,
             model_name,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,6 +26,18 @@ class StageResult:
     kind: str
     measurement: Measurement
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+def processor() -> str:
+    """The CPU's model name where the OS tells it (Linux), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _ratio(reference: float, value: float) -> float:
@@ -52,7 +65,8 @@ def to_json(stages: list[StageResult], reference: str = "teacher") -> dict[str, 
     return {
         "reference": reference,
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": processor(),
+        "cpus": os.cpu_count(),
         "torch_version": torch.__version__,
         "latency": "median wall time per call, torch.set_num_threads(1), same process",
         "stages": rows,
@@ -112,6 +126,7 @@ def to_png(report: dict[str, Any]) -> bytes:
         for x, y, r in zip(xs, ys, rows, strict=True):
             axis.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4))
         axis.set_xscale("log")
+        axis.margins(x=0.12, y=0.12)
         axis.set_xlabel(label)
         axis.set_ylabel("held-out accuracy (%)")
         axis.grid(True, which="both", alpha=0.3)
