@@ -101,7 +101,8 @@ class DecoderLM(nn.Module):
     def empty_cache(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A zero-length cache, for training and scoring whole sequences."""
         s = self.shape
-        weight = self.head.weight
+        # The embedding stays float even when the Linear layers are quantized.
+        weight = self.token_embedding.weight
         cache = weight.new_zeros(batch, s.layers, 2, s.heads, 0, s.head_dim)
         return cache, torch.zeros(batch, 0, dtype=torch.bool, device=weight.device)
 
