@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from pathlib import Path
 
@@ -120,17 +121,17 @@ def test_async_client_predicts_and_streams(daemon: Daemon) -> None:
 
 
 def test_tcp_listener_serves_the_same_api(start_daemon: StartDaemon, tmp_path: Path) -> None:
-    """With listen.tcp set, the daemon answers over TCP on loopback too."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    """With listen.tcp set (port 0: any free port), the daemon answers over TCP on loopback too."""
     repo = tmp_path / "repo"
     models.add_mlp(repo)
-    start_daemon(repo, f'tcp = "127.0.0.1:{port}"\n')
+    daemon = start_daemon(repo, 'tcp = "127.0.0.1:0"\n')
+    serving = next(
+        json.loads(line) for line in daemon.log_text().splitlines() if '"serving"' in line
+    )
+    (tcp,) = [a for a in serving["addresses"] if a.startswith("127.0.0.1:")]
+    assert not tcp.endswith(":0")
     x = np.ones((1, 16), dtype=np.float32)
-    with edgeinfer.Client(f"127.0.0.1:{port}", timeout=30) as client:
+    with edgeinfer.Client(tcp, timeout=30) as client:
         np.testing.assert_allclose(
             client.predict("mlp", {"x": x})["y"], reference(x), rtol=1e-5, atol=1e-6
         )

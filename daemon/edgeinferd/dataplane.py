@@ -80,6 +80,8 @@ class DataPlane:
         #: Regions callers registered for tensors in shared memory (every protocol uses these).
         self.shared_memory = SharedMemoryRegistry()
         self.metrics = Metrics()
+        #: Set when a graceful stop begins: live, but no longer ready for new work.
+        self.draining = False
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Validate, queue, run and answer one call; every outcome is counted."""

@@ -164,6 +164,7 @@ class Server:
         """Begin a graceful stop: refuse new calls, let running ones finish within ``grace``."""
         if self._closing is None:
             self.notifier.stopping()
+            self.dataplane.draining = True
             self._closing = asyncio.create_task(
                 self._close(self.config.grace_period_s if grace is None else grace)
             )

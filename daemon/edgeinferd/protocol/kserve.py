@@ -385,8 +385,9 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
-        # The server accepts calls only after the repository was loaded.
-        return pb.ServerReadyResponse(ready=True)
+        # Calls are accepted only after the repository was loaded; once a
+        # graceful stop begins the server is live but no longer ready.
+        return pb.ServerReadyResponse(ready=not self.dataplane.draining)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Context
