@@ -12,7 +12,6 @@ of ``raw_input_contents`` with ``inputs``, and typed ``contents`` fields.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Never, TypeAlias
@@ -43,7 +42,8 @@ from edgeinferd.errors import EdgeInferError, InvalidInput
 from edgeinferd.metrics import Metrics
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelState
 from edgeinferd.protocol.status import status_for
-from edgeinferd.protocol.v1 import STREAM_PIPELINE_DEPTH, caller_of
+from edgeinferd.protocol.streams import answer_in_order
+from edgeinferd.protocol.v1 import caller_of
 from edgeinferd.repository import ModelConfig
 
 if TYPE_CHECKING:
@@ -455,9 +455,6 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         A failed request is answered with its error message (and its id in
         ``infer_response``); the stream stays open for the next one.
         """
-        pending: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue(
-            STREAM_PIPELINE_DEPTH
-        )
 
         async def one(message: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
@@ -474,24 +471,8 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     ),
                 )
 
-        async def read() -> None:
-            try:
-                async for message in request_iterator:
-                    await pending.put(asyncio.ensure_future(one(message)))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (task := await pending.get()) is not None:
-                yield await task
-            await reader  # surfaces a transport error from reading
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                leftover = pending.get_nowait()
-                if leftover is not None:
-                    leftover.cancel()
+        async for answer in answer_in_order(request_iterator, one):
+            yield answer
 
     # -- model repository ----------------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -34,10 +33,8 @@ from edgeinferd.generation.sequence import GenerationChunk, GenerationEvent
 from edgeinferd.metrics import resident_memory_bytes
 from edgeinferd.models import ModelEntry
 from edgeinferd.protocol.status import status_for
+from edgeinferd.protocol.streams import answer_in_order
 from edgeinferd.shm import SharedMemoryRegistry
-
-#: Messages of one stream being worked on at once; reading pauses beyond it.
-STREAM_PIPELINE_DEPTH = 64
 
 _STATES = {"READY": pb.READY, "LOADING": pb.LOADING, "FAILED": pb.FAILED, "UNLOADED": pb.UNLOADED}
 
@@ -236,9 +233,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.PredictStreamResponse]:
         """Answer in request order while up to STREAM_PIPELINE_DEPTH messages run at once."""
-        pending: asyncio.Queue[asyncio.Task[pb.PredictStreamResponse] | None] = asyncio.Queue(
-            STREAM_PIPELINE_DEPTH
-        )
 
         async def one(message: pb.PredictRequest) -> pb.PredictStreamResponse:
             try:
@@ -250,24 +244,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     id=message.id, error=pb.Error(code=code.value[0], message=text)
                 )
 
-        async def read() -> None:
-            try:
-                async for message in request_iterator:
-                    await pending.put(asyncio.ensure_future(one(message)))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (task := await pending.get()) is not None:
-                yield await task
-            await reader  # surfaces a transport error from reading
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                leftover = pending.get_nowait()
-                if leftover is not None:
-                    leftover.cancel()
+        async for answer in answer_in_order(request_iterator, one):
+            yield answer
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
