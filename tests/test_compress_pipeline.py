@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,17 @@ from edgeinferd.compress import evaluate_artifact, quantize
 from edgeinferd.compress.cli import main
 from edgeinferd.compress.progress import Progress
 from edgeinferd.compress.sources import load_torchscript
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run no slower on one thread, and then do not fight other test processes
+    for the cores (spinning OpenMP threads slow everyone down many times over)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 MODELS = """
 from torch import nn
@@ -152,6 +164,28 @@ def test_second_run_adds_version_2(recipe: Path, capsys: pytest.CaptureFixture[s
     assert (recipe.parent / "repo" / "tiny-teacher" / "2" / "model.pt").is_file()
     assert (version1 / "model.pt").read_bytes() == before
     assert not list((recipe.parent / "repo" / "tiny").glob(".incoming-*"))
+
+
+def test_torchscript_teacher_can_be_distilled_from(
+    recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A teacher given as a saved TorchScript artifact (no Python code) teaches a student."""
+    folder = recipe.parent
+    teacher = folder / "repo" / "tiny-teacher" / "1" / "model.pt"
+    text = RECIPE.replace(
+        'entry = "tiny_compress_models:teacher"\n[teacher.train]\nepochs = 10\nlr = 3e-3',
+        f'artifact = "{teacher}"',
+    )
+    steps = text.index('[[steps]]\nkind = "prune"')
+    text = text[:steps] + text[text.index('[[steps]]\nkind = "quantize_dynamic"') :]
+    text = text.replace('repository = "repo"', f'repository = "{tmp_path / "repo"}"')
+    assert 'artifact = "' in text
+    (folder / "from_artifact.toml").write_text(text)
+    assert main([str(folder / "from_artifact.toml"), "--quiet"]) == 0
+    rows = json.loads((tmp_path / "repo" / "tiny" / "1" / "report.json").read_text())["stages"]
+    assert [r["name"] for r in rows] == ["teacher", "student", "int8-dynamic"]
+    assert rows[1]["accuracy"] > 0.5
+    capsys.readouterr()
 
 
 def test_progress_is_plain_lines_off_a_terminal() -> None:

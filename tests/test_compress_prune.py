@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,16 @@ from edgeinferd.compress.distill import train
 from edgeinferd.compress.evaluate import count_parameters, layer_sparsity, total_sparsity
 from edgeinferd.compress.recipe import Training
 from edgeinferd.compress.sources import Split
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run no slower on one thread, and then do not fight other test processes
+    for the cores (spinning OpenMP threads slow everyone down many times over)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _mlp() -> nn.Sequential:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,17 @@ from edgeinferd.compress.evaluate import accuracy, load_artifact_bytes, predict
 from edgeinferd.compress.export import to_torchscript
 from edgeinferd.compress.recipe import Training
 from edgeinferd.compress.sources import Split
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run no slower on one thread, and then do not fight other test processes
+    for the cores (spinning OpenMP threads slow everyone down many times over)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # Stated error bounds of int8 against fp32 on held-out digits (logits reach about 20).
 MAX_ABS_LOGIT_DIFF = 1.5
@@ -123,6 +136,14 @@ def test_int8_artifact_is_much_smaller() -> None:
     assert len(to_torchscript(model, example)) > 3.5 * len(to_torchscript(int8, example))
 
 
+@pytest.fixture
+def engine_restored() -> Iterator[None]:
+    engine = torch.backends.quantized.engine
+    yield
+    torch.backends.quantized.engine = engine
+
+
+@pytest.mark.usefixtures("engine_restored")
 @pytest.mark.parametrize(
     ("machine", "engine"), [("x86_64", "x86"), ("AMD64", "x86"), ("aarch64", "qnnpack")]
 )
@@ -133,11 +154,32 @@ def test_engine_follows_the_machine(
     monkeypatch.setattr(quantize.platform, "machine", lambda: machine)
     assert quantize.resolve_engine("auto") == engine
     assert torch.backends.quantized.engine == engine
-    quantize.resolve_engine("auto")
 
 
+@pytest.mark.usefixtures("engine_restored")
 def test_engine_from_the_recipe_wins() -> None:
     """An engine named in the recipe is used whatever the machine."""
     assert quantize.resolve_engine("qnnpack") == "qnnpack"
     assert torch.backends.quantized.engine == "qnnpack"
-    torch.backends.quantized.engine = "x86"
+
+
+def test_static_quantization_fuses_conv_bn_relu(digits: tuple[Split, Split]) -> None:
+    """A Conv+BatchNorm+ReLU block becomes one int8 ConvReLU2d (BatchNorm folded in), and the
+    int8 convnet keeps fp32's predictions on the digits as 8x8 images."""
+    as_images = [Split(s.x.view(-1, 1, 8, 8), s.y) for s in digits]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 64, 10),
+    )
+    train(model, as_images[0], Training(epochs=4, lr=3e-3), show_progress=False)
+    quantized = quantize.quantize_static(model, as_images[0].x[:256])
+    kinds = [type(m).__name__ for m in quantized.modules()]
+    assert "ConvReLU2d" in kinds
+    assert "BatchNorm2d" not in kinds
+    loaded = _roundtrip(quantized, as_images[1].x[:2])
+    assert set(quantize.scripted_int8_weights(loaded)) == {"module.0", "module.4"}
+    _assert_close_to_fp32(loaded, model, as_images[1])

@@ -162,7 +162,6 @@ def write_version(
     """Add ``artifact`` as the next version of ``model``; returns the version folder."""
     folder = repository / model
     folder.mkdir(parents=True, exist_ok=True)
-    write_config(folder, inputs, outputs, max_batch_size, description)
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=".incoming-"))
     full_manifest = {
         "artifact": ARTIFACT,
@@ -186,4 +185,7 @@ def write_version(
             if target.exists():
                 continue
             raise
+        # After the version: a daemon only lists folders with a config.toml, so a new model
+        # appears complete.
+        write_config(folder, inputs, outputs, max_batch_size, description)
         return target
