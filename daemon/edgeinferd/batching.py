@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -32,6 +33,8 @@ from edgeinferd.errors import (
 from edgeinferd.repository import ModelConfig
 
 RunBatch = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(eq=False, slots=True)
@@ -45,6 +48,47 @@ class _Call:
     enqueued: float = field(default_factory=time.perf_counter)
     started: float = 0.0
     finished: float = 0.0
+
+
+class Worker:
+    """A thread that runs forward passes handed to it from the event loop.
+
+    Cheaper per hand-off than ``loop.run_in_executor`` (no concurrent.futures
+    Future to wrap and chain): one queue put, one ``call_soon_threadsafe``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=f"forward:{name}", daemon=True)
+        self._thread.start()
+
+    async def run(self, function: Callable[[T], R], argument: T) -> R:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._jobs.put((loop, future, function, argument))
+        return await future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, function, argument = job
+            try:
+                result = function(argument)
+            except BaseException as error:  # handed to the awaiting task, not lost
+                loop.call_soon_threadsafe(_settle, future, None, error)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the awaiting task was cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class Completed(NamedTuple):
@@ -67,18 +111,19 @@ class BatchStats:
 
 
 class Batcher:
-    def __init__(self, config: ModelConfig, run: RunBatch, executor: Executor) -> None:
+    def __init__(self, config: ModelConfig, run: RunBatch) -> None:
         self.config = config
         self._run = run
-        self._executor = executor
         self._queue: deque[_Call] = deque()
         self._wakeup = asyncio.Event()
         self._closing = False
         self._running = 0
         self.stats = BatchStats()
+        # One thread per instance: each runs one forward pass at a time.
+        self._workers = [Worker(f"{config.name}:{i}") for i in range(config.instances)]
         self._consumers = [
-            asyncio.create_task(self._consume(), name=f"batcher:{config.name}:{i}")
-            for i in range(config.instances)
+            asyncio.create_task(self._consume(worker), name=f"batcher:{config.name}:{i}")
+            for i, worker in enumerate(self._workers)
         ]
 
     @property
@@ -129,8 +174,10 @@ class Batcher:
         self._closing = True
         self._wakeup.set()
         await asyncio.gather(*self._consumers, return_exceptions=True)
+        for worker in self._workers:
+            worker.stop()
 
-    async def _consume(self) -> None:
+    async def _consume(self, worker: Worker) -> None:
         delay = self.config.batching.max_queue_delay_us / 1e6
         while True:
             while not self._queue:
@@ -145,7 +192,7 @@ class Batcher:
                 continue
             self._running += 1
             try:
-                await self._run_batch(calls)
+                await self._run_batch(calls, worker)
             finally:
                 self._running -= 1
 
@@ -204,11 +251,10 @@ class Batcher:
             return False
         return True
 
-    async def _run_batch(self, calls: list[_Call]) -> None:
-        loop = asyncio.get_running_loop()
+    async def _run_batch(self, calls: list[_Call], worker: Worker) -> None:
         started = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run_calls, calls)
+            outputs = await worker.run(self._run_calls, calls)
         except EdgeInferError as error:
             for call in calls:
                 if not call.future.done():

@@ -53,7 +53,7 @@ class DaemonConfig:
     grace_period_s: float = 10.0
     #: Who may load and unload models: "all", "unix" (Unix-socket callers only) or "none".
     management: str = "all"
-    #: Threads that run forward passes, shared by all models.
+    #: Threads for generative models' decoding steps (classifiers get one thread per instance).
     worker_threads: int = 2
     #: "host:port" for the Prometheus endpoint; off unless configured.
     metrics_listen: str | None = None

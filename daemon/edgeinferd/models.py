@@ -175,7 +175,7 @@ class ModelManager:
                 config=config,
                 files=files,
                 runner=runner,
-                batcher=Batcher(config, runner.run, self._executor),
+                batcher=Batcher(config, runner.run),
                 fingerprint=fingerprint,
                 size_bytes=files.artifact.stat().st_size,
                 engine=engine,
