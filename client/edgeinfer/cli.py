@@ -5,6 +5,7 @@
     edgeinfer stream MODEL FILE|-           (one message per row of the file, or per stdin line)
     edgeinfer health [MODEL]
     edgeinfer generate MODEL PROMPT|-       (text as it is generated; --json: one object per chunk)
+    edgeinfer bench MODEL [--concurrency 1,8,32 | --rate N] (throughput and latency under load)
 
 ``--json`` prints machine-readable output. Failures exit non-zero with one
 line on stderr: ``edgeinfer: NOT_FOUND: model 'x' is not in the repository``.
@@ -98,12 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--version", default="")
 
     commands.add_parser("stats", help="requests, failures and latency per model")
+
+    from edgeinfer import bench
+
+    bench.add_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            from edgeinfer import bench
+
+            return bench.main(args, bench.client_factory(args.address, args.timeout, _tls(args)))
         with Client(args.address, timeout=args.timeout, tls=_tls(args)) as client:
             return _run(client, args)
     except EdgeInferError as error:
