@@ -198,6 +198,7 @@ def _signature(recipe: Recipe, data: Data, artifact: bytes) -> tuple[list[Any], 
 def run(recipe: Recipe, *, show_progress: bool = True) -> Outcome:
     """Run the whole recipe; rank 0 measures and writes, others only train."""
     data = load_data(recipe.data, recipe.folder, str(recipe.path))
+    show_progress = show_progress and distributed.is_main()  # one progress display per job
     stages = build_stages(recipe, data, show_progress=show_progress)
     if not distributed.is_main():
         distributed.barrier()
