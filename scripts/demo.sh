@@ -51,6 +51,6 @@ import json, sys
 for line in sys.stdin:
     answer = json.loads(line)
     logits = answer["logits"][0]
-    print(f"message {answer[\"id\"]:>2}: predicted digit {logits.index(max(logits))}")
+    print("message %2s: predicted digit %d" % (answer["id"], logits.index(max(logits))))
 '
 echo "== stopping edgeinferd"

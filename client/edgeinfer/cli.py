@@ -280,9 +280,25 @@ def _print_model(info: ModelInfo) -> None:
         size = f", {version.size_bytes / 1024:.1f} KiB" if version.size_bytes else ""
         fmt = f" {version.format}" if version.format else ""
         print(f"  version {version.version}: {version.state}{fmt}{size}")
-        for key in ("steps", "technique", "stages"):
-            if key in version.manifest:
-                print(f"    {key}: {json.dumps(version.manifest[key])[:200]}")
+        if "stage" in version.manifest:
+            print(f"    made by stage {version.manifest['stage']!r} of its compression recipe")
+        for stage in version.manifest.get("stages", []):
+            if isinstance(stage, dict):
+                print("    " + _stage_line(stage))
+
+
+def _stage_line(stage: dict[str, Any]) -> str:
+    """One compression stage from a manifest, as the report's table row says it."""
+    parts = [f"stage {stage.get('name', '?')}:"]
+    if "parameters" in stage:
+        parts.append(f"{int(stage['parameters']):,} parameters")
+    if "size_bytes" in stage:
+        parts.append(f"{stage['size_bytes'] / 1024:.1f} KiB")
+    if "accuracy" in stage:
+        parts.append(f"accuracy {stage['accuracy'] * 100:.2f}%")
+    if "latency_b32_us" in stage:
+        parts.append(f"{stage['latency_b32_us']:.0f} us at batch 32")
+    return " ".join(parts[:1]) + " " + ", ".join(parts[1:])
 
 
 def _print_outputs(outputs: dict[str, np.ndarray], as_json: bool) -> None:
