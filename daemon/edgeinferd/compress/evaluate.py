@@ -70,8 +70,13 @@ def total_sparsity(model: nn.Module) -> float:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits for all of ``x``, in batches no larger than the daemon would send."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Logits for all of ``x``, in batches the size the daemon serves (max_batch_size 32).
+
+    Dynamic int8 quantizes activations with each batch's own range, so its answers depend
+    on how rows are batched: evaluating in the daemon's batch size keeps the reported
+    accuracy equal to what callers get.
+    """
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
