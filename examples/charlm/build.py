@@ -270,7 +270,7 @@ def render(report: dict[str, Any]) -> str:
     for name, m in report["models"].items():
         rows.append(
             f"| {name} | {m['parameters']:,} | {m['size_bytes'] / 1024:.0f} KiB |"
-            f" {m['heldout_loss']:.3f} | {m['perplexity']:.2f} |"
+            f" {m['heldout_loss']:.4f} | {m['perplexity']:.2f} |"
             f" {m['tokens_per_second_b1']:.0f} | {m['ttft_ms_b1']:.1f} ms |"
             f" {m['tokens_per_second_8_concurrent']:.0f} |"
             f" {m['ttft_ms_p50_8_concurrent']:.1f} ms |"
@@ -294,7 +294,7 @@ def render(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"Without distillation, the student's shape trained on labels alone for the same"
-            f" steps reaches a held-out loss of {baseline['heldout_loss']:.3f}"
+            f" steps reaches a held-out loss of {baseline['heldout_loss']:.4f}"
             f" (perplexity {baseline['perplexity']:.2f}).",
         ]
     lines += ["", "## TorchScript vs torch.export (one sequence, raw decoding loop)", ""]
