@@ -113,7 +113,7 @@ shape = [2]
 
 
 class Slow(nn.Module):
-    """Spins for ``x[0]`` rounds of a 256x256 matmul (about a millisecond per 10 rounds)."""
+    """Spins for ``x[0, 0]`` rounds of a 256x256 matmul (a few tenths of a millisecond each)."""
 
     def __init__(self) -> None:
         super().__init__()

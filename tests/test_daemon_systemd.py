@@ -103,16 +103,17 @@ def test_watchdog_pings_while_a_forward_pass_is_stuck(
     )
     client = daemon.client(timeout=60)
     thread = threading.Thread(
-        target=client.predict, args=("slow", {"x": np.full((1, 1), 20000, np.float32)})
+        target=client.predict, args=("slow", {"x": np.full((1, 1), 10000, np.float32)})
     )
     thread.start()
-    time.sleep(0.5)
+    time.sleep(0.3)
+    manager.poll()
     start = len(manager.messages)
-    time.sleep(2.0)
+    time.sleep(1.5)
     manager.poll()
     pings = [t for t, f in manager.messages[start:] if f.get("WATCHDOG") == "1"]
     assert thread.is_alive(), "the forward pass should still be running"
-    assert len(pings) >= 5, pings
+    assert len(pings) >= 4, pings
     gaps = np.diff(pings)
     assert gaps.max() < 0.6
     thread.join(120)
