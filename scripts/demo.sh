@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: install, build the example repository (a digits classifier compressed
-# by examples/digits/recipe.toml), start edgeinferd on it, call Predict and
-# PredictStream through the edgeinfer CLI, print what came back, stop the daemon.
+# by examples/digits/recipe.toml, and a small int8 language model), start
+# edgeinferd on it, call Predict, PredictStream and Generate through the
+# edgeinfer CLI, print what came back, stop the daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/dev-install.sh
@@ -11,6 +12,12 @@ repo=build/models
 if [ ! -f "$repo/digits/config.toml" ]; then
   echo "== building the example repository (distil, prune, int8; a few minutes on 2 cores)"
   edgeinferd compress examples/digits/recipe.toml
+fi
+
+if [ ! -f "$repo/charlm-int8/config.toml" ]; then
+  echo "== building the generative example (a byte-level transformer trained on Python's own docs,"
+  echo "   distilled, then int8; about 7 minutes on 2 cores)"
+  python examples/charlm/build.py --out "$repo"
 fi
 
 workdir=$(mktemp -d /tmp/edgeinfer-demo.XXXXXX)
@@ -53,4 +60,7 @@ for line in sys.stdin:
     logits = answer["logits"][0]
     print("message %2s: predicted digit %d" % (answer["id"], logits.index(max(logits))))
 '
+echo "== edgeinfer generate charlm-int8 ...   (Generate: tokens streamed as they are decoded)"
+edgeinfer generate charlm-int8 "The import statement" --max-new-tokens 120 --temperature 0.7 --top-k 40 --seed 7
+echo
 echo "== stopping edgeinferd"
