@@ -90,12 +90,13 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     bench.add_argument("--mode", choices=["unary", "stream"], default="unary")
     load = bench.add_mutually_exclusive_group()
     load.add_argument(
+        "-c",
         "--concurrency",
         type=_int_list,
         help="calls in flight, or a sweep: 1,8,32 (closed loop; default 1)",
     )
     load.add_argument("--rate", type=float, help="calls per second, whatever the answers do")
-    bench.add_argument("--batch-size", type=int, default=1, help="rows per call (default 1)")
+    bench.add_argument("-b", "--batch-size", type=int, default=1, help="rows per call (default 1)")
     bench.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
     bench.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     bench.add_argument(
