@@ -28,6 +28,7 @@ from edgeinferd.errors import EdgeInferError
 from edgeinferd.metrics import start_metrics_server
 from edgeinferd.models import ModelEntry, ModelManager, ModelState
 from edgeinferd.protocol import add_services
+from edgeinferd.protocol.malformed import RefuseMalformed
 from edgeinferd.repository import Repository
 from edgeinferd.systemd import SystemdNotifier
 
@@ -84,7 +85,7 @@ class Server:
             ("grpc.max_send_message_length", listen.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=[RefuseMalformed()])
         service_names = add_services(server, self.dataplane)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         service_names += [
