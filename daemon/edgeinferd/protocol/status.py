@@ -29,12 +29,22 @@ GRPC_CODES: dict[type[Exception], grpc.StatusCode] = {
 }
 
 
+#: Longest caller-facing message, in characters. Messages quote what the caller
+#: sent (names, versions); the status travels in a trailer that gRPC percent-encodes
+#: (up to 12 bytes a character) and clients refuse beyond 8 KiB of metadata, so an
+#: unbounded echo would turn the answer into RESOURCE_EXHAUSTED on the caller's side.
+MAX_MESSAGE_CHARS = 480
+
+
 def status_for(error: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
     """The status code and caller-facing message for an exception."""
     for kind in type(error).__mro__:
         code = GRPC_CODES.get(kind)
         if code is not None:
-            return code, str(error)
+            message = str(error)
+            if len(message) > MAX_MESSAGE_CHARS:
+                message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+            return code, message
     log.exception("unexpected error", request_id=request_id, exc_info=error)
     suffix = f" (request id {request_id!r})" if request_id else ""
     return grpc.StatusCode.INTERNAL, f"internal error{suffix}; the daemon's log has the details"
