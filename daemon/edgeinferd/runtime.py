@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeinferd.errors import ConfigError, ModelExecutionError
+from edgeinferd.errors import ConfigError, InvalidInput, ModelExecutionError
 from edgeinferd.repository import ModelConfig, TensorSpec, VersionFiles, verify_artifact
 
 # Inputs decoded from request bytes are read-only views; models do not write
@@ -70,6 +70,10 @@ class Runner:
                 result = self.module(*tensors)
         except Exception as error:
             message = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+            if _is_input_guard(error):
+                raise InvalidInput(
+                    f"model {self.config.name!r} does not take inputs of these shapes: {message}"
+                ) from None
             raise ModelExecutionError(
                 f"model {self.config.name!r} failed in its forward pass: {type(error).__name__}"
                 + (f": {message}" if message else "")
@@ -116,12 +120,24 @@ class Runner:
         inputs = [example_input(spec, batch) for spec in self.config.inputs]
         try:
             outputs = self.run(inputs)
-        except ModelExecutionError as error:
+        except (ModelExecutionError, InvalidInput) as error:
             raise ConfigError(
                 f"{self.config.name}/config.toml", "inputs", f"warm-up failed: {error}"
             ) from None
         for spec, array in zip(self.config.outputs, outputs, strict=True):
             check_output(self.config, spec, array, batch)
+
+
+def _is_input_guard(error: Exception) -> bool:
+    """A torch.export program refusing its inputs' shapes (its dynamic-shape constraints).
+
+    The constraints are part of the artifact (e.g. two inputs of equal length,
+    a dimension's range), so a call breaking them is the caller's mistake.
+    """
+    text = str(error)
+    return (isinstance(error, AssertionError) and text.startswith("Guard failed:")) or (
+        isinstance(error, RuntimeError) and text.startswith("Expected input at")
+    )
 
 
 def example_input(spec: TensorSpec, batch: tuple[int, ...]) -> np.ndarray:
