@@ -20,8 +20,9 @@ fixed rate whatever the answers do.
 Many concurrent callers share one asyncio event loop; ``--processes N`` splits
 them over N processes (a Python client on a small device can itself be the
 bottleneck: the report shows the generator's CPU next to the daemon's).
-The daemon's CPU is read from /proc/PID/stat: PID is ``--server-pid``, or the
-process listening on a local Unix socket address (SO_PEERCRED).
+The daemon's CPU is read from /proc/PID/stat: PID is ``--server-pid`` (several,
+comma-separated, are summed), or the process listening on a local Unix socket
+address (SO_PEERCRED).
 """
 
 from __future__ import annotations
@@ -111,7 +112,11 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         help="send inputs and receive outputs through shared memory (unary, local daemon)",
     )
     bench.add_argument("--input-data", choices=["random", "zeros"], default="random")
-    bench.add_argument("--server-pid", type=int, help="the daemon's pid, to report its CPU")
+    bench.add_argument(
+        "--server-pid",
+        type=_int_list,
+        help="the daemon's pid, to report its CPU (PID,PID,...: several processes, summed)",
+    )
     bench.add_argument(
         "--json", dest="bench_json", action="store_true", help="one JSON document on stdout"
     )
@@ -122,9 +127,11 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 1,8,32, not {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected numbers like 8 or 1,8,32, not {text!r}"
+        ) from None
     if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("concurrency values must be positive")
+        raise argparse.ArgumentTypeError("the values must be positive")
     return values
 
 
@@ -460,28 +467,31 @@ def split(total: int, parts: int) -> list[int]:
 
 
 class _CpuReader:
-    """utime + stime of a process, from /proc/PID/stat."""
+    """utime + stime of the server's processes (summed), from /proc/PID/stat."""
 
-    def __init__(self, pid: int) -> None:
-        self.path = Path(f"/proc/{pid}/stat")
-        self.status = Path(f"/proc/{pid}/status")
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
         self.tick = os.sysconf("SC_CLK_TCK")
 
     def seconds(self) -> float | None:
-        try:
-            fields = self.path.read_text().rpartition(")")[2].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / self.tick
+        total = 0.0
+        for pid in self.pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                return None
+            total += (int(fields[11]) + int(fields[12])) / self.tick
+        return total
 
     def rss_bytes(self) -> int | None:
-        try:
-            for line in self.status.read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
+        total = 0
+        for pid in self.pids:
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                return None
+            total += next((int(ln.split()[1]) * 1024 for ln in lines if ln.startswith("VmRSS:")), 0)
+        return total
 
 
 def peer_pid(address: str) -> int | None:
@@ -540,13 +550,13 @@ async def run_cell(
     processes: int,
     warmup: float,
     duration: float,
-    server_pid: int | None,
+    server_pids: Sequence[int],
     progress: _Progress,
     label: str,
 ) -> CellResult:
     """Run one cell of the sweep; returns what the measured window saw."""
     plans = _split_plan(plan, processes)
-    cpu = _CpuReader(server_pid) if server_pid is not None else None
+    cpu = _CpuReader(server_pids) if server_pids else None
     progress.start(label, warmup, duration)
     if len(plans) == 1:
         counters: Any = [0]
@@ -765,7 +775,8 @@ async def _bench(args: argparse.Namespace, factory: ClientFactory) -> list[CellR
     finally:
         await client.close()
     _check(args, info)
-    server_pid = args.server_pid or peer_pid(client.address)
+    found = peer_pid(client.address)
+    server_pids = args.server_pid or ([found] if found is not None else [])
     plan = Plan(
         model=args.model,
         version=args.version,
@@ -800,7 +811,7 @@ async def _bench(args: argparse.Namespace, factory: ClientFactory) -> list[CellR
                 processes=args.processes,
                 warmup=args.warmup,
                 duration=args.duration,
-                server_pid=server_pid,
+                server_pids=server_pids,
                 progress=progress,
                 label=label,
             )
