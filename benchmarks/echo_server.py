@@ -11,7 +11,8 @@ size the model would return (zeros, built from cached bytes), and
 
 ``--option grpc.so_reuseport=1`` (repeatable) passes server options through, to
 compare transport settings; with ``--reuseport`` several echo processes can
-share one TCP port.
+share one TCP port; ``--noop-interceptor`` adds a server interceptor that does
+nothing, to see what interception alone costs.
 """
 
 from __future__ import annotations
@@ -108,6 +109,13 @@ class Echo(inference_pb2_grpc.InferenceServicer):  # type: ignore[misc]
         return info
 
 
+class NoopInterceptor(grpc.aio.ServerInterceptor):
+    """Passes every call through unchanged: what any grpc.aio server interceptor costs."""
+
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        return await continuation(handler_call_details)
+
+
 async def _health(request: health_pb2.HealthCheckRequest, context: Any) -> Any:
     return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
@@ -121,7 +129,8 @@ async def serve(args: argparse.Namespace) -> None:
     for option in args.option:
         key, _, value = option.partition("=")
         options.append((key, int(value) if value.lstrip("-").isdigit() else value))
-    server = grpc.aio.server(options=options)
+    interceptors = [NoopInterceptor()] if args.noop_interceptor else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     echo = Echo(args.model, args.input, args.output, args.max_batch_size)
     inference_pb2_grpc.add_InferenceServicer_to_server(echo, server)
     health = grpc.unary_unary_rpc_method_handler(
@@ -155,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--reuseport", action="store_true", help="grpc.so_reuseport=1")
     parser.add_argument("--option", action="append", default=[], help="KEY=VALUE server option")
+    parser.add_argument(
+        "--noop-interceptor", action="store_true", help="a server interceptor that does nothing"
+    )
     args = parser.parse_args(argv)
     if not (args.unix or args.tcp):
         parser.error("give --unix or --tcp")

@@ -14,8 +14,8 @@ repository. Then, on this machine and in this order:
    one is used, identically, for every server measurement;
 3. the echo server and the daemon, each over its Unix socket and over TCP, all
    four running at once and measured back to back per scenario (and, in the
-   full run, in two rounds keeping each one's best: the machine is shared, and
-   interference only ever slows a cell down);
+   full run, in three rounds keeping each one's best: the machine is shared,
+   and interference only ever slows a cell down);
 4. a 4 MiB input inline and through shared memory;
 5. the daemon's start-up time (spawn to health SERVING) and idle RSS, with this
    repository and with the example repository (build/models) if it is built;
@@ -104,7 +104,7 @@ class Settings:
 
 
 FULL = Settings(
-    duration=2.0, warmup=0.5, rounds=2, raw_seconds=1.5, startup_repeats=3, profile_seconds=4
+    duration=1.5, warmup=0.5, rounds=3, raw_seconds=1.0, startup_repeats=3, profile_seconds=4
 )
 QUICK = Settings(
     duration=0.8, warmup=0.2, rounds=1, raw_seconds=0.4, startup_repeats=1, profile_seconds=1.5
@@ -256,9 +256,8 @@ def daemon_command(repo: Path, unix: Path, tcp: str | None = None) -> list[str]:
     return command + (["--tcp", tcp] if tcp else [])
 
 
-def echo_command(
-    unix: Path | None, tcp: str | None, options: list[str] | None = None, reuseport: bool = False
-) -> list[str]:
+def echo_command(unix: Path | None, tcp: str | None, extra: list[str] | None = None) -> list[str]:
+    """The echo server for the seed MLP; ``extra``: more echo_server.py arguments."""
     command = [
         sys.executable,
         str(ROOT / "benchmarks" / "echo_server.py"),
@@ -273,10 +272,7 @@ def echo_command(
     ]
     command += ["--unix", str(unix)] if unix else []
     command += ["--tcp", tcp] if tcp else []
-    command += ["--reuseport"] if reuseport else []
-    for option in options or []:
-        command += ["--option", option]
-    return command
+    return command + (extra or [])
 
 
 # ---------------------------------------------------------------- the load generator
@@ -421,6 +417,29 @@ def run_startup(repo: Path, workdir: Path, settings: Settings) -> dict[str, Any]
     return result
 
 
+_IMPORT_TORCH = """
+import time
+started = time.perf_counter()
+import torch
+seconds = time.perf_counter() - started
+status = open("/proc/self/status").read().splitlines()
+rss = next(int(ln.split()[1]) * 1024 for ln in status if ln.startswith("VmRSS:"))
+print(seconds, rss)
+"""
+
+
+def import_torch_cost(repeats: int) -> dict[str, float]:
+    """What importing torch alone takes: the floor under the daemon's start-up and memory."""
+    seconds, rss = [], []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", _IMPORT_TORCH], capture_output=True, text=True, check=True
+        ).stdout.split()
+        seconds.append(float(out[0]))
+        rss.append(int(out[1]))
+    return {"import_s": statistics.median(seconds), "rss_bytes": statistics.median(rss)}
+
+
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds by thread (the main thread; other threads summed by name)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -459,7 +478,8 @@ def run_profile(
     started = time.monotonic()
     raw = RESULTS / "profile.txt"
     if py_spy is not None:
-        spy = [py_spy, "record", "--pid", str(daemon.pid), "--nonblocking", "--rate", "250"]
+        spy = [py_spy, "record", "--pid", str(daemon.pid), "--nonblocking"]
+        spy += ["--rate", str(SPY_RATE)]
         spy += ["--duration", str(int(seconds))]
         subprocess.run([*spy, "--format", "raw", "-o", str(raw)], capture_output=True, check=True)
     else:
@@ -485,8 +505,14 @@ def run_profile(
         },
         "py_spy": py_spy is not None,
     }
+    calls = cell["throughput"] * elapsed
+    python_s = sum(v for k, v in by_thread.items() if "(gRPC core)" not in k)
+    result["python_threads_cpu_us_per_call"] = python_s / calls * 1e6
+    result["grpc_core_threads_cpu_us_per_call"] = (sum(by_thread.values()) - python_s) / calls * 1e6
     if py_spy is not None:
-        result.update(summarize_profile(raw, cpu_per_call_us, by_thread))
+        result.update(summarize_profile(raw, result["python_threads_cpu_us_per_call"]))
+        result["sampled_cores"] = result["active_samples"] / (SPY_RATE * int(seconds))
+        result["python_threads_cores"] = python_s / elapsed
     return result
 
 
@@ -501,17 +527,19 @@ def batch_counts(address: str) -> tuple[int, int]:
     return 0, 0
 
 
+SPY_RATE = 250
+
 #: Where time spent in these frames' own code goes, by file.
 _BUCKETS = [
     ("asyncio/events.py", "Handle._run", "gRPC core and C callbacks run by the event loop"),
-    ("selectors.py", "", "epoll wait/dispatch in the event loop"),
+    ("asyncio/selector_events.py", "", "waking the event loop from the worker thread"),
     ("asyncio/", "", "asyncio scheduling (Python)"),
     ("grpc/", "", "grpc Python layer"),
     ("google/protobuf", "", "protobuf"),
     ("torch/", "", "torch forward pass"),
     ("edgeinferd/batching.py", "", "batcher and worker hand-off"),
-    ("edgeinferd/protocol/", "", "protobuf <-> numpy in the servicer"),
-    ("edgeinfer/tensors.py", "", "protobuf <-> numpy in the servicer"),
+    ("edgeinferd/protocol/", "", "protocol layer (protobuf <-> numpy, status)"),
+    ("edgeinfer/tensors.py", "", "protocol layer (protobuf <-> numpy, status)"),
     ("edgeinferd/dataplane.py", "", "data plane (validate, outputs)"),
     ("edgeinferd/metrics.py", "", "metrics"),
     ("structlog/", "", "logging"),
@@ -520,29 +548,55 @@ _BUCKETS = [
     ("queue.py", "", "threads (queues, locks)"),
 ]
 
+#: A leaf frame on one of these source lines is waiting, not working: py-spy cannot tell
+#: idle threads apart here, so blocked calls are recognised by their code.
+_WAITING = re.compile(r"\.(get|select|wait|acquire|recv|accept|sleep|poll)\(|self\._target\(")
 
-def _frame(text: str) -> tuple[str, str]:
+
+def _frame(text: str) -> tuple[str, str, int]:
     function, _, where = text.rpartition(" (")
-    return function, where.rstrip(")").rsplit(":", 1)[0]
+    path, _, line = where.rstrip(")").rpartition(":")
+    return function, path, int(line) if line.isdigit() else 0
 
 
-def summarize_profile(
-    raw: Path, cpu_per_call_us: float, by_thread: dict[str, float]
-) -> dict[str, Any]:
-    """Self time by leaf function and by area, and inclusive time of the daemon's steps."""
+def _source_line(path: str, line: int) -> str:
+    """The code on a line of a frame py-spy names by its import path (``pkg/mod.py``)."""
+    import importlib.util
+    import linecache
+
+    folders = [Path(folder or ".") for folder in sys.path]
+    try:
+        spec = importlib.util.find_spec(path.split("/")[0])
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        folders += [Path(p).parent for p in spec.submodule_search_locations]
+    for folder in folders:
+        candidate = folder / path
+        if candidate.is_file():
+            return linecache.getline(str(candidate), line)
+    return ""
+
+
+def summarize_profile(raw: Path, cpu_per_call_us: float) -> dict[str, Any]:
+    """Own time by area and by line, inclusive time of the daemon's steps; waits left out."""
     leaf: Counter[str] = Counter()
     area: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    total = 0
+    waiting: Counter[str] = Counter()
+    active = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack:
             continue
         count = int(count_text)
-        total += count
         frames = [_frame(f) for f in stack.split(";")]
-        function, path = frames[-1]
-        leaf[f"{function} ({path})"] += count
+        function, path, number = frames[-1]
+        if _WAITING.search(_source_line(path, number)):
+            waiting[f"{function} ({path}:{number})"] += count
+            continue
+        active += count
+        leaf[f"{function} ({path}:{number})"] += count
         for prefix, name, label in _BUCKETS:
             if prefix in path and (not name or name == function):
                 area[label] += count
@@ -550,65 +604,73 @@ def summarize_profile(
         else:
             area[f"other ({path})"] += count
         seen = set()
-        for function, path in frames:
+        for function, path, _ in frames:
             if path.endswith(("cli.py", "__main__.py")):
                 continue
             if "edgeinfer" in path and function not in seen:
                 seen.add(function)
                 inclusive[f"{function} ({path})"] += count
-    # Samples are spread over the daemon's busy threads; scale them to its CPU per call.
-    scale = cpu_per_call_us / total if total else 0.0
+    # Python-thread samples, scaled to the CPU those threads used per call.
+    scale = cpu_per_call_us / active if active else 0.0
 
     def top(counter: Counter[str], n: int) -> list[dict[str, Any]]:
         return [
-            {"what": k, "samples": v, "share": v / total, "us_per_call": v * scale}
+            {"what": k, "samples": v, "share": v / active, "us_per_call": v * scale}
             for k, v in counter.most_common(n)
         ]
 
     return {
-        "samples": total,
+        "active_samples": active,
+        "waiting_samples": sum(waiting.values()),
+        "waiting": dict(waiting.most_common(6)),
         "by_area": top(area, 12),
         "by_leaf": top(leaf, 12),
-        "inclusive": top(inclusive, 16),
+        "inclusive": top(inclusive, 14),
     }
 
 
 def run_variants(workdir: Path, processes: int, settings: Settings) -> list[dict[str, Any]]:
     """grpc.aio server options on the echo server over TCP, unary batch 1, 32 callers.
 
-    The variants run one after another, ``settings.rounds`` times; each keeps its best round.
+    The variants run one after another, one round fewer than the scenarios (at least one);
+    each keeps its best round.
     """
     two = max(processes, 2)
+    reuse = ["--reuseport"]
     variants: list[tuple[str, list[list[str]], int]] = [
         ("baseline (grpc.so_reuseport=0)", [[]], two),
-        ("grpc.max_concurrent_streams=8", [["grpc.max_concurrent_streams=8"]], two),
-        ("grpc.max_concurrent_streams=1000", [["grpc.max_concurrent_streams=1000"]], two),
-        ("grpc.optimization_target=throughput", [["grpc.optimization_target=throughput"]], two),
-        ("2 echo processes, SO_REUSEPORT on one port", [[], []], two),
+        ("a no-op server interceptor", [["--noop-interceptor"]], two),
+        ("grpc.max_concurrent_streams=8", [["--option", "grpc.max_concurrent_streams=8"]], two),
+        (
+            "grpc.max_concurrent_streams=1000",
+            [["--option", "grpc.max_concurrent_streams=1000"]],
+            two,
+        ),
+        (
+            "grpc.optimization_target=throughput",
+            [["--option", "grpc.optimization_target=throughput"]],
+            two,
+        ),
+        ("2 echo processes, SO_REUSEPORT on one port", [reuse, reuse], two),
         ("baseline, 4 client processes", [[]], 4),
-        ("2 echo processes, SO_REUSEPORT, 4 client processes", [[], []], 4),
+        ("2 echo processes, SO_REUSEPORT, 4 client processes", [reuse, reuse], 4),
     ]
     best: dict[str, dict[str, Any]] = {}
-    for label, servers_options, load_processes in variants * settings.rounds:
+    for label, server_args, load_processes in variants * max(1, settings.rounds - 1):
         port = f"127.0.0.1:{free_port()}"
-        reuse = len(servers_options) > 1
         started = [
-            Process(
-                f"variant{i}", echo_command(None, port, options, reuseport=reuse), workdir, None
-            )
-            for i, options in enumerate(servers_options)
+            Process(f"variant{i}", echo_command(None, port, extra), workdir, None)
+            for i, extra in enumerate(server_args)
         ]
         try:
             for process in started:
                 process.wait_ready(port)
-            before = [thread_cpu(p.pid) for p in started]
-            args = ("-c", "32", "--processes", str(load_processes))
+            pids = ",".join(str(p.pid) for p in started)
+            args = ("-c", "32", "--processes", str(load_processes), "--server-pid", pids)
             cell = bench(port, "mlp", started[0].pid, settings, *args, errors_ok=True)[0]
-            after = [thread_cpu(p.pid) for p in started]
         finally:
             for process in started:
                 process.stop()
-        shares = [sum(a.values()) - sum(b.values()) for a, b in zip(after, before, strict=True)]
         row = {
             "variant": label,
             "processes": load_processes,
@@ -616,7 +678,8 @@ def run_variants(workdir: Path, processes: int, settings: Settings) -> list[dict
             "p50_ms": cell["latency_ms"]["p50"],
             "p99_ms": cell["latency_ms"]["p99"],
             "errors": cell["errors"],
-            "server_cpu_s": shares,
+            "server_cpu_percent": cell["server_cpu_percent"],
+            "client_cpu_percent": cell["client_cpu_percent"],
         }
         keep_best(best, label, row)
     return [best[label] for label, _, _ in variants]
@@ -664,6 +727,21 @@ def machine() -> dict[str, Any]:
     }
 
 
+def source_state() -> dict[str, Any]:
+    """The commit measured, and whether the daemon or client had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    changed = git("status", "--porcelain", "--", "daemon", "client")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": changed.splitlines()}
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return "n/a" if not a or not b else f"{a / b:.0%}" if a / b < 10 else f"{a / b:.1f}x"
 
@@ -707,7 +785,14 @@ def render(data: dict[str, Any]) -> str:
         f" at the start, {data['loadavg_end']:.1f} at the end"
         f" ({'quick run' if data['quick'] else 'full run'}, cells of"
         f" {data['settings']['duration']:g} s after {data['settings']['warmup']:g} s warm-up,"
-        f" best of {data['settings']['rounds']} round(s)).",
+        f" best of {data['settings']['rounds']} round(s)); code at commit"
+        f" {data.get('source', {}).get('commit', '?')}"
+        + (
+            f" with uncommitted changes to {len(data['source']['uncommitted'])} file(s) of the"
+            " daemon or client."
+            if data.get("source", {}).get("uncommitted")
+            else "."
+        ),
         "",
         "**Raw PyTorch** (in-process TorchScript forward passes of the seed MLP):",
         "",
@@ -798,51 +883,70 @@ def render(data: dict[str, Any]) -> str:
             lines.append(
                 f"| {label} | {item['startup_s']:.2f} | {item['idle_rss_bytes'] / 2**20:.0f} |"
             )
+    if "import_torch" in data:
+        cost = data["import_torch"]
+        lines.append(
+            f"| (no daemon: `import torch` alone) | {cost['import_s']:.2f}"
+            f" | {cost['rss_bytes'] / 2**20:.0f} |"
+        )
     lines += ["", "**Targets** (ratios measured in this run):", "", render_targets(data)]
     return "\n".join(lines)
 
 
-def targets(data: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+Target = tuple[str, str, bool | None, str]
+
+
+def targets(data: dict[str, Any]) -> list[Target]:
+    """Each target: what it asks, the figure, whether it is reached, and the CPU view."""
     raw = data["raw"]
     unix = data["scenarios"]["daemon unix"]
     echo = data["scenarios"]["echo unix"]
     big = data["large_input"]
-    rows: list[tuple[str, str, bool | None]] = []
+    rows: list[Target] = []
 
-    def add(label: str, value: float | None, threshold: float, text: str) -> None:
-        rows.append(
-            (
-                label,
-                text if value is not None else "n/a",
-                None if value is None else value >= threshold,
-            )
-        )
+    def add(label: str, key: str, reference: str, threshold: float) -> None:
+        cell = unix[key]
+        if reference == "echo":
+            value = cell["throughput"] / echo[key]["throughput"]
+            by_cpu = ratio(cpu_us(echo[key]), cpu_us(cell))
+        else:
+            value = cell["throughput"] / raw_reference(raw, key)
+            by_cpu = ratio(1e6 / raw_reference(raw, key), cpu_us(cell))
+        rows.append((label, f"{value:.0%}", value >= threshold, by_cpu))
 
-    r = unix["c32"]["throughput"] / echo["c32"]["throughput"]
-    add("unary batch 1, 32 callers ≥ 85% of the echo server", r, 0.85, f"{r:.0%}")
-    r = unix["c32"]["throughput"] / raw_reference(raw, "c32")
-    add("unary batch 1, 32 callers ≥ 25% of raw batch 1", r, 0.25, f"{r:.0%}")
-    r = unix["stream"]["throughput"] / echo["stream"]["throughput"]
-    add("stream of batch-1 messages ≥ 80% of the echo stream", r, 0.80, f"{r:.0%}")
-    r = unix["stream"]["throughput"] / raw_reference(raw, "stream")
-    add("stream of batch-1 messages ≥ 50% of raw batch 1", r, 0.50, f"{r:.0%}")
-    r = unix["b32"]["throughput"] / raw_reference(raw, "b32")
-    add("unary batch 32, 1 caller ≥ 70% of raw batch 32", r, 0.70, f"{r:.0%}")
+    add("unary batch 1, 32 callers ≥ 85% of the echo server", "c32", "echo", 0.85)
+    add("unary batch 1, 32 callers ≥ 25% of raw batch 1", "c32", "raw", 0.25)
+    add("stream of batch-1 messages ≥ 80% of the echo stream", "stream", "echo", 0.80)
+    add("stream of batch-1 messages ≥ 50% of raw batch 1", "stream", "raw", 0.50)
+    add("unary batch 32, 1 caller ≥ 70% of raw batch 32", "b32", "raw", 0.70)
     p50 = unix["c1"]["latency_ms"]["p50"]
-    rows.append(("1 caller, batch 1, p50 < 0.6 ms (Unix socket)", f"{p50:.3f} ms", p50 < 0.6))
+    echo_p50 = echo["c1"]["latency_ms"]["p50"]
+    rows.append(
+        (
+            "1 caller, batch 1, p50 < 0.6 ms (Unix socket)",
+            f"{p50:.3f} ms",
+            p50 < 0.6,
+            f"echo server: {echo_p50:.3f} ms",
+        )
+    )
+    label = "4 MiB: shared memory ≥ 3x faster than bytes"
     if big.get("shared memory") and big.get("bytes"):
-        r = big["shared memory"]["throughput"] / big["bytes"]["throughput"]
-        add("4 MiB: shared memory ≥ 3x faster than bytes", r, 3.0, f"{r:.2f}x")
+        value = big["shared memory"]["throughput"] / big["bytes"]["throughput"]
+        by_cpu = ratio(cpu_us(big["bytes"]), cpu_us(big["shared memory"]))
+        rows.append((label, f"{value:.1f}x", value >= 3.0, by_cpu))
     else:
-        rows.append(("4 MiB: shared memory ≥ 3x faster than bytes", "n/a", None))
+        rows.append((label, "n/a", None, "n/a"))
     return rows
 
 
 def render_targets(data: dict[str, Any]) -> str:
-    lines = ["| target | measured | reached |", "|---|---:|---|"]
-    for label, text, reached in targets(data):
+    lines = [
+        "| target | measured (calls/s) | reached | the same ratio by CPU per call |",
+        "|---|---:|---|---:|",
+    ]
+    for label, text, reached, by_cpu in targets(data):
         mark = "n/a" if reached is None else "yes" if reached else "**no**"
-        lines.append(f"| {label} | {text} | {mark} |")
+        lines.append(f"| {label} | {text} | {mark} | {by_cpu} |")
     return "\n".join(lines)
 
 
@@ -856,7 +960,7 @@ def render_profile(data: dict[str, Any]) -> str:
         f" {profile['forward_passes_per_s']:,.0f} forward passes/s of"
         f" {profile['rows_per_forward_pass']:.2f} rows on average.",
         "",
-        "CPU by daemon thread (share of one core while profiled):",
+        "CPU by daemon thread, from /proc (share of one core while profiled):",
         "",
         "| thread | share of a core |",
         "|---|---:|",
@@ -867,14 +971,22 @@ def render_profile(data: dict[str, Any]) -> str:
         return "\n".join([*lines, "", "py-spy is not installed: no stack profile."])
     lines += [
         "",
-        f"py-spy ({profile['samples']} samples, non-blocking, Python frames), own time by area,"
-        " scaled to the CPU per call:",
+        f"py-spy ({SPY_RATE} Hz, non-blocking, Python threads): {profile['active_samples']}"
+        f" working samples ({profile['sampled_cores']:.2f} cores; /proc says the Python threads"
+        f" used {profile['python_threads_cores']:.2f}) and {profile['waiting_samples']} samples"
+        " of threads blocked in a queue, epoll or a C thread's body, left out. Own time of the"
+        " working samples, scaled to the Python threads' CPU per call"
+        f" ({profile['python_threads_cpu_us_per_call']:.0f} µs; the gRPC core's own C threads"
+        f" add {profile['grpc_core_threads_cpu_us_per_call']:.0f} µs):",
         "",
         "| area | share | µs/call |",
         "|---|---:|---:|",
     ]
     for row in profile["by_area"]:
         lines.append(f"| {row['what']} | {row['share']:.0%} | {row['us_per_call']:.0f} |")
+    lines += ["", "Hottest lines (own time):", "", "| line | share | µs/call |", "|---|---:|---:|"]
+    for row in profile["by_leaf"][:8]:
+        lines.append(f"| `{row['what']}` | {row['share']:.0%} | {row['us_per_call']:.0f} |")
     lines += [
         "",
         "Inclusive time of the daemon's own steps:",
@@ -890,17 +1002,18 @@ def render_profile(data: dict[str, Any]) -> str:
 def render_variants(data: dict[str, Any]) -> str:
     lines = [
         "Echo server over TCP, unary batch 1, 32 callers"
-        f" ({data['variants'][0]['processes']} client processes unless said):",
+        f" ({data['variants'][0]['processes']} client processes unless said; best of"
+        f" {max(1, data['settings']['rounds'] - 1)} round(s)):",
         "",
-        "| server | calls/s | p50 / p99 ms | failed calls | server CPU s (per process) |",
-        "|---|---:|---:|---|---|",
+        "| server | calls/s | p50 / p99 ms | failed calls | server CPU | server CPU µs/call |",
+        "|---|---:|---:|---|---:|---:|",
     ]
     for row in data["variants"]:
-        cpu = " + ".join(f"{s:.1f}" for s in row["server_cpu_s"])
         failed = ", ".join(f"{n} {code}" for code, n in row["errors"].items()) or "0"
         lines.append(
             f"| {row['variant']} | {row['throughput']:,.0f} | {row['p50_ms']:.2f} /"
-            f" {row['p99_ms']:.2f} | {failed} | {cpu} |"
+            f" {row['p99_ms']:.2f} | {failed} | {row['server_cpu_percent']:.0f}%"
+            f" | {_cpu_per_call(row)} |"
         )
     second = data["second_daemon"]
     lines += [
@@ -934,7 +1047,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     left.set_yscale("log")
     left.set_ylabel("calls/s (batch 1), log scale")
     left.set_title("batch-1 calls per second")
-    left.legend(loc="lower right", fontsize=8)
+    left.legend(loc="upper left", fontsize=8, ncol=2)
 
     names = ["raw b32", "echo unix", "daemon unix", "daemon tcp"]
     rows = [
@@ -947,6 +1060,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     right.bar(names, rows, color=["black", "C0", "C1", "C3"])
     right.set_ylabel("rows/s, batch 32, 1 caller")
     right.set_title("batch 32, one caller")
+    right.set_ylim(0, max(rows) * 1.25)
     for i, value in enumerate(rows):
         right.text(i, value, f"{value:,.0f}", ha="center", va="bottom", fontsize=8)
     if big.get("bytes") and big.get("shared memory"):
@@ -980,13 +1094,35 @@ def update_readme(sections: dict[str, str]) -> None:
     README.write_text(text)
 
 
+def write_outputs(data: dict[str, Any], readme: bool) -> str:
+    """The markdown, the plot and the README sections; returns the markdown."""
+    results = render(data)
+    profile = render_profile(data)
+    variants = render_variants(data)
+    text = f"{results}\n\n## Profile\n\n{profile}\n\n## grpc.aio server options\n\n{variants}\n"
+    (RESULTS / "serve_bench.md").write_text(f"# serve_bench results\n\n{text}")
+    plot(data, RESULTS / "serve_bench.png")
+    if readme:
+        update_readme({"results": results, "profile": profile, "variants": variants})
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
     parser.add_argument(
         "--no-readme", action="store_true", help="leave benchmarks/README.md as it is"
     )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: rewrite the tables, plot and README from results/serve_bench.json",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        data = json.loads((RESULTS / "serve_bench.json").read_text())
+        write_outputs(data, readme=not args.no_readme)
+        return 0
     settings = QUICK if args.quick else FULL
     RESULTS.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
@@ -996,6 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "settings": settings.__dict__,
         "loadavg_start": os.getloadavg()[0],
+        "source": source_state(),
     }
     workdir = Path(tempfile.mkdtemp(prefix="ei-bench-", dir="/tmp"))
     try:
@@ -1016,6 +1153,7 @@ def main(argv: list[str] | None = None) -> int:
             data["profile"] = run_profile(targets_by_name, processes, settings)
         log("start-up and idle memory")
         data["startup"] = run_startup(repo, workdir, settings)
+        data["import_torch"] = import_torch_cost(settings.startup_repeats)
         log("transport variants")
         data["variants"] = run_variants(workdir, processes, settings)
         data["second_daemon"] = second_daemon_on_port(repo, workdir)
@@ -1026,22 +1164,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     data["loadavg_end"] = os.getloadavg()[0]
     data["elapsed_s"] = time.monotonic() - began
-    results = render(data)
-    profile = render_profile(data)
-    variants = render_variants(data)
     (RESULTS / "serve_bench.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    (RESULTS / "serve_bench.md").write_text(
-        f"# serve_bench results\n\n{results}\n\n## Profile\n\n{profile}\n\n"
-        f"## grpc.aio server options\n\n{variants}\n"
-    )
-    plot(data, RESULTS / "serve_bench.png")
-    if not args.no_readme:
-        update_readme({"results": results, "profile": profile, "variants": variants})
-    print(results)
-    print()
-    print(profile)
-    print()
-    print(variants)
+    print(write_outputs(data, readme=not args.no_readme))
     log(f"done in {data['elapsed_s']:.0f} s")
     return 0
 
