@@ -1,7 +1,7 @@
 """How fast edgeinferd serves, next to raw PyTorch and an empty gRPC server, in one run.
 
     python benchmarks/serve_bench.py            # the full run (about 5 minutes)
-    python benchmarks/serve_bench.py --quick    # a smoke run (about 1 minute)
+    python benchmarks/serve_bench.py --quick    # a smoke run (about 1.5 minutes)
 
 The seed MLP (Linear 1000->500, ReLU, Linear 500->10, float32, TorchScript,
 max_batch_size 32) and a 4 MiB-input model are written into a temporary model
@@ -1109,7 +1109,7 @@ def write_outputs(data: dict[str, Any], readme: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about 1.5 minutes")
     parser.add_argument(
         "--no-readme", action="store_true", help="leave benchmarks/README.md as it is"
     )
