@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 from tritonclient.grpc import service_pb2
 
 import edgeinfer
@@ -60,15 +59,6 @@ def counter_daemon(start_daemon: StartDaemon, tmp_path: Path, queue: int) -> Dae
     repo = tmp_path / "repo"
     add_counter(repo, queue=queue)
     return start_daemon(repo)
-
-
-@pytest.fixture
-def stub_and_client(
-    request: pytest.FixtureRequest,
-) -> Iterator[tuple[inference_pb2_grpc.InferenceStub, edgeinfer.Client]]:
-    daemon: Daemon = request.getfixturevalue("daemon_under_test")
-    with daemon.client(timeout=60) as client, grpc.insecure_channel(daemon.address) as channel:
-        yield inference_pb2_grpc.InferenceStub(channel), client
 
 
 def outcome(future: grpc.Future) -> grpc.StatusCode:
