@@ -88,7 +88,8 @@ INVALID_NAMES = [
     "m" * 129,
     "m" * 20000,
 ]
-BIG_DIMS = [[10**6, 10**6], [2**62, 4], [2**63 - 1], [2**31] * 4, [10**12]]
+INT64_MAX = 2**63 - 1
+BIG_DIMS = [[10**6, 10**6], [2**62, 4], [INT64_MAX], [2**31] * 4, [10**12]]
 
 
 @dataclass
@@ -247,7 +248,7 @@ def wrong_shape(draw: st.DrawFn, case: Case, tensors: list[Tensor], req: dict) -
     if draw(st.booleans()):
         tensor.shape = [*tensor.shape, 1]
     else:
-        tensor.shape = [*tensor.shape[:-1], tensor.shape[-1] + 1]
+        tensor.shape = [*tensor.shape[:-1], min(tensor.shape[-1] + 1, INT64_MAX)]
         tensor.data = zeros_for(tensor, itemsize)
     case.note("wrong shape")
 
@@ -273,7 +274,7 @@ def length_mismatch(draw: st.DrawFn, case: Case, tensors: list[Tensor], req: dic
             case.note("more rows than max_batch_size")
         return
     tensor = tensors[0]
-    tensor.shape[0] += draw(st.integers(1, 5))
+    tensor.shape[0] = min(tensor.shape[0] + draw(st.integers(1, 5)), INT64_MAX)
     tensor.data = zeros_for(tensor, 8)
     case.note("inputs of unequal lengths")
 
