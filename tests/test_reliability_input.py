@@ -450,12 +450,17 @@ def mistakes(request: dict, tensors: list[Tensor], intended: str) -> set[grpc.St
 # -- building requests for each API --------------------------------------------------
 
 
+def int64s(shape: list[int]) -> list[int]:
+    """Shapes travel as int64: mutations stacked on the extreme ones may step past its range."""
+    return [max(-(2**63), min(dim, INT64_MAX)) for dim in shape]
+
+
 def v1_bytes(request: dict, tensors: list[Tensor]) -> bytes:
     message = pb.PredictRequest(
         model=request["model"], version=request.get("version", ""), id=request.get("id", "")
     )
     for tensor in tensors:
-        item = message.inputs.add(name=tensor.name, shape=tensor.shape, data=tensor.data)
+        item = message.inputs.add(name=tensor.name, shape=int64s(tensor.shape), data=tensor.data)
         item.dtype = tensor.dtype  # type: ignore[assignment]  # unknown numbers on purpose
         if tensor.shm_region:
             item.shared_memory.region = tensor.shm_region
@@ -481,7 +486,7 @@ def v2_bytes(draw: st.DrawFn, request: dict, tensors: list[Tensor], case: Case) 
         }.get(tensor.dtype)
         if datatype is None:
             datatype = draw(st.sampled_from(["FP8", "", "fp32", "BYTES", "BF16", "T" * 5000]))
-        item = message.inputs.add(name=tensor.name, datatype=datatype, shape=tensor.shape)
+        item = message.inputs.add(name=tensor.name, datatype=datatype, shape=int64s(tensor.shape))
         if typed and datatype in ("FP32", "INT64"):
             array = np.frombuffer(tensor.data, NUMPY[tensor.dtype])
             target = item.contents.fp32_contents if datatype == "FP32" else None
