@@ -56,7 +56,8 @@ def connectable(path: Path) -> bool:
 
 def test_ready_reload_and_stopping_messages(start_daemon: StartDaemon, tmp_path: Path) -> None:
     """READY=1 comes only once the socket is connectable, with STATUS naming the models;
-    SIGHUP gives RELOADING=1 + MONOTONIC_USEC then READY=1; SIGTERM gives STOPPING=1."""
+    STATUS= follows unload and load; SIGHUP gives RELOADING=1 + MONOTONIC_USEC then
+    READY=1; SIGTERM gives STOPPING=1."""
     repo = tmp_path / "repo"
     models.add_mlp(repo)
     manager = FakeManager()
@@ -76,6 +77,14 @@ def test_ready_reload_and_stopping_messages(start_daemon: StartDaemon, tmp_path:
     assert first_connectable is None or first_connectable <= ready_at + 0.05
     ready_fields = next(f for _, f in manager.messages if f.get("READY") == "1")
     assert "mlp" in ready_fields["STATUS"]
+
+    with daemon.client(timeout=30) as client:
+        client.unload_model("mlp")
+    unloaded = manager.wait_for("STATUS", "serving 0 model(s)")
+    assert "READY" not in manager.messages[unloaded][1]
+    with daemon.client(timeout=30) as client:
+        client.load_model("mlp")
+    manager.wait_for("STATUS", "serving 1 model(s): mlp", after=unloaded + 1)
 
     daemon.signal(signal.SIGHUP)
     sent_at_usec = time.monotonic_ns() // 1000
