@@ -46,7 +46,7 @@ class Server:
         self.notifier = notifier or SystemdNotifier(None)
         self._ready = False
         self._watchdog: asyncio.Task[None] | None = None
-        self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="forward")
+        self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="generation")
         self.health = health.aio.HealthServicer()
         self.models = ModelManager(
             Repository(config.repository), self.executor, self._model_changed
