@@ -41,7 +41,7 @@ from edgeinferd.dataplane import (
 from edgeinferd.errors import EdgeInferError, InvalidInput
 from edgeinferd.metrics import Metrics
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelState
-from edgeinferd.protocol.status import status_for
+from edgeinferd.protocol.status import abort_with, status_for
 from edgeinferd.protocol.streams import answer_in_order
 from edgeinferd.protocol.v1 import caller_of
 from edgeinferd.repository import ModelConfig
@@ -357,10 +357,6 @@ def index_entry(entry: ModelEntry) -> pb.RepositoryIndexResponse.ModelIndex:
     )
 
 
-async def _abort(context: Context, error: BaseException, request_id: str = "") -> Never:
-    await context.abort(*status_for(error, request_id))
-
-
 # -- the servicer --------------------------------------------------------------
 
 
@@ -411,7 +407,7 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             return model_metadata(self.dataplane.serving(request.name, request.version))
         except Exception as error:
-            await _abort(context, error)
+            await abort_with(context, error)
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Context
@@ -420,7 +416,7 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             loaded = self.dataplane.serving(request.name, request.version)
             return pb.ModelConfigResponse(config=model_config(loaded))
         except Exception as error:
-            await _abort(context, error)
+            await abort_with(context, error)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
@@ -435,7 +431,7 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 model_stats=[model_statistics(v, self.dataplane.metrics) for v in loaded]
             )
         except Exception as error:
-            await _abort(context, error)
+            await abort_with(context, error)
 
     # -- inference -------------------------------------------------------------
 
@@ -445,7 +441,7 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             return await self._respond(request, context.time_remaining())
         except Exception as error:
-            await _abort(context, error, request.id)
+            await abort_with(context, error, request.id)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -497,7 +493,7 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             await self.dataplane.load_model(request.model_name, caller_of(context))
             return pb.RepositoryModelLoadResponse()
         except Exception as error:
-            await _abort(context, error)
+            await abort_with(context, error)
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
@@ -506,7 +502,7 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             await self.dataplane.unload_model(request.model_name, caller_of(context))
             return pb.RepositoryModelUnloadResponse()
         except Exception as error:
-            await _abort(context, error)
+            await abort_with(context, error)
 
     # -- not served ----------------------------------------------------------------
 

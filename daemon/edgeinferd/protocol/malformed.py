@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from edgeinferd.errors import InvalidInput
-from edgeinferd.protocol.status import status_for
+from edgeinferd.protocol.status import abort_with
 
 Context = Any  # grpc.aio.ServicerContext; the stubs type handlers for the sync server
 
@@ -63,7 +63,7 @@ def _wrap(handler: Any) -> Any:
 
         async def unary_unary(request: Any, context: Context) -> Any:
             if isinstance(request, _Undecodable):
-                await context.abort(*status_for(request.error))
+                await abort_with(context, request.error)
             return await unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
@@ -74,14 +74,14 @@ def _wrap(handler: Any) -> Any:
 
             async def unary_writer(request: Any, context: Context) -> None:
                 if isinstance(request, _Undecodable):
-                    await context.abort(*status_for(request.error))
+                    await abort_with(context, request.error)
                 await unary_in(request, context)
 
             return grpc.unary_stream_rpc_method_handler(unary_writer, deserialize, serialize)
 
         async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
             if isinstance(request, _Undecodable):
-                await context.abort(*status_for(request.error))
+                await abort_with(context, request.error)
             async for answer in unary_in(request, context):
                 yield answer
 
@@ -93,7 +93,7 @@ def _wrap(handler: Any) -> Any:
             try:
                 return await stream_in(_checked(requests), context)
             except MalformedMessage as error:
-                await context.abort(*status_for(error))
+                await abort_with(context, error)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, deserialize, serialize)
     streaming = handler.stream_stream
@@ -104,7 +104,7 @@ def _wrap(handler: Any) -> Any:
             try:
                 await streaming(_checked(requests), context)
             except MalformedMessage as error:
-                await context.abort(*status_for(error))
+                await abort_with(context, error)
 
         return grpc.stream_stream_rpc_method_handler(stream_writer, deserialize, serialize)
 
@@ -113,7 +113,7 @@ def _wrap(handler: Any) -> Any:
             async for answer in streaming(_checked(requests), context):
                 yield answer
         except MalformedMessage as error:
-            await context.abort(*status_for(error))
+            await abort_with(context, error)
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, serialize)
 

@@ -6,6 +6,8 @@ with the request id, logged with its traceback, never shown to the caller.
 
 from __future__ import annotations
 
+from typing import Any, Never
+
 import grpc
 import structlog
 
@@ -48,3 +50,9 @@ def status_for(error: BaseException, request_id: str = "") -> tuple[grpc.StatusC
     log.exception("unexpected error", request_id=request_id, exc_info=error)
     suffix = f" (request id {request_id!r})" if request_id else ""
     return grpc.StatusCode.INTERNAL, f"internal error{suffix}; the daemon's log has the details"
+
+
+async def abort_with(context: Any, error: BaseException, request_id: str = "") -> Never:
+    """End the call with the status the table gives ``error`` (``context.abort`` raises)."""
+    await context.abort(*status_for(error, request_id))
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises

@@ -32,7 +32,7 @@ from edgeinferd.errors import InvalidInput
 from edgeinferd.generation.sequence import GenerationChunk, GenerationEvent
 from edgeinferd.metrics import resident_memory_bytes
 from edgeinferd.models import ModelEntry
-from edgeinferd.protocol.status import status_for
+from edgeinferd.protocol.status import abort_with, status_for
 from edgeinferd.protocol.streams import answer_in_order
 from edgeinferd.shm import SharedMemoryRegistry
 
@@ -223,9 +223,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             return await self._respond(request, context.time_remaining())
         except Exception as error:
-            code, message = status_for(error, request.id)
-            await context.abort(code, message)
-            raise  # abort raises; this line is never reached
+            await abort_with(context, error, request.id)
 
     async def PredictStream(
         self,
@@ -257,7 +255,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 async for event in events:
                     yield encode_generation_event(request.id, event)
         except Exception as error:
-            await context.abort(*status_for(error, request.id))
+            await abort_with(context, error, request.id)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -271,8 +269,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             return model_info(self.dataplane.get_model(request.name), self.dataplane)
         except Exception as error:
-            await context.abort(*status_for(error))
-            raise
+            await abort_with(context, error)
 
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -281,8 +278,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             entry = await self.dataplane.load_model(request.name, caller_of(context))
             return model_info(entry, self.dataplane)
         except Exception as error:
-            await context.abort(*status_for(error))
-            raise
+            await abort_with(context, error)
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -291,8 +287,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             entry = await self.dataplane.unload_model(request.name, caller_of(context))
             return model_info(entry, self.dataplane)
         except Exception as error:
-            await context.abort(*status_for(error))
-            raise
+            await abort_with(context, error)
 
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -307,8 +302,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 request.name, request.key, request.offset, request.byte_size
             )
         except Exception as error:
-            await context.abort(*status_for(error))
-            raise
+            await abort_with(context, error)
         return pb.RegisterSharedMemoryResponse()
 
     async def UnregisterSharedMemory(
@@ -317,8 +311,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             self.dataplane.shared_memory.unregister(request.name)
         except Exception as error:
-            await context.abort(*status_for(error))
-            raise
+            await abort_with(context, error)
         return pb.UnregisterSharedMemoryResponse()
 
     async def ListSharedMemory(
