@@ -1,12 +1,15 @@
 """Dynamic batching: concurrent calls to one model become one forward pass.
 
 Each loaded model version has a ``Batcher``: a bounded queue of pending calls
-and ``instances`` consumer tasks. A consumer takes the oldest call plus every
-queued call whose non-batch shapes match (up to ``max_batch_size`` rows),
-concatenates them, runs the forward pass in a worker thread and hands each
-caller its rows of the outputs. With ``max_queue_delay_us = 0`` it never waits
-for more calls: under load batches form by themselves, and a lone caller pays
-nothing.
+and ``instances`` worker threads. The event loop only appends a call to the
+queue and wakes a worker; the worker takes the oldest call plus every queued
+call whose non-batch shapes match (up to ``max_batch_size`` rows),
+concatenates them, runs the forward pass and hands the whole batch's outputs
+back to the loop in one callback. Forming batches in the worker, not in an
+event-loop task, keeps the loop's share of each call to an append and a future:
+the loop is what limits a small model's throughput. With
+``max_queue_delay_us = 0`` a worker never waits for more calls: under load
+batches form by themselves, and a lone caller pays nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,62 +36,9 @@ from edgeinferd.errors import (
 from edgeinferd.repository import ModelConfig
 
 RunBatch = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
-T = TypeVar("T")
-R = TypeVar("R")
 
-
-@dataclass(eq=False, slots=True)
-class _Call:
-    inputs: Sequence[np.ndarray]
-    rows: int
-    #: Calls stack together only when these (non-batch shapes) are equal.
-    key: tuple[tuple[int, ...], ...]
-    future: asyncio.Future[list[np.ndarray]]
-    deadline: float | None
-    enqueued: float = field(default_factory=time.perf_counter)
-    started: float = 0.0
-    finished: float = 0.0
-
-
-class Worker:
-    """A thread that runs forward passes handed to it from the event loop.
-
-    Cheaper per hand-off than ``loop.run_in_executor`` (no concurrent.futures
-    Future to wrap and chain): one queue put, one ``call_soon_threadsafe``.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name=f"forward:{name}", daemon=True)
-        self._thread.start()
-
-    async def run(self, function: Callable[[T], R], argument: T) -> R:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[R] = loop.create_future()
-        self._jobs.put((loop, future, function, argument))
-        return await future
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, future, function, argument = job
-            try:
-                result = function(argument)
-            except BaseException as error:  # handed to the awaiting task, not lost
-                loop.call_soon_threadsafe(_settle, future, None, error)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # the awaiting task was cancelled meanwhile
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+#: A token that tells a worker to finish what is queued and stop.
+_STOP = None
 
 
 class Completed(NamedTuple):
@@ -96,6 +46,19 @@ class Completed(NamedTuple):
     #: Seconds from queueing to the start of the forward pass, and of the pass itself.
     queue_s: float
     compute_s: float
+
+
+@dataclass(eq=False, slots=True)
+class QueuedCall:
+    """One call in a batcher's queue; ``future`` resolves to its ``Completed``."""
+
+    inputs: Sequence[np.ndarray]
+    rows: int
+    #: Calls stack together only when these (non-batch shapes) are equal.
+    key: tuple[tuple[int, ...], ...]
+    future: asyncio.Future[Completed]
+    deadline: float | None
+    enqueued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -111,20 +74,37 @@ class BatchStats:
 
 
 class Batcher:
+    """The queue of one model version and the worker threads that drain it.
+
+    Thread boundaries: the event loop appends to ``_queue`` and owns every
+    future; workers take from ``_queue`` under ``_lock`` and report back only
+    through ``loop.call_soon_threadsafe``, once per forward pass.
+    """
+
     def __init__(self, config: ModelConfig, run: RunBatch) -> None:
         self.config = config
         self._run = run
-        self._queue: deque[_Call] = deque()
-        self._wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[QueuedCall] = deque()
+        self._lock = threading.Lock()
+        #: One token per submitted call (plus one _STOP per worker at close); a
+        #: worker blocks here when it has nothing to do.
+        self._tokens: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._closing = False
+        #: Calls taken by a worker whose outputs are not handed back yet (under _lock).
         self._running = 0
         self.stats = BatchStats()
+        self._stopped: list[asyncio.Future[None]] = []
         # One thread per instance: each runs one forward pass at a time.
-        self._workers = [Worker(f"{config.name}:{i}") for i in range(config.instances)]
-        self._consumers = [
-            asyncio.create_task(self._consume(worker), name=f"batcher:{config.name}:{i}")
-            for i, worker in enumerate(self._workers)
-        ]
+        for i in range(config.instances):
+            stopped = self._loop.create_future()
+            self._stopped.append(stopped)
+            threading.Thread(
+                target=self._serve,
+                args=(stopped,),
+                name=f"forward:{config.name}:{i}",
+                daemon=True,
+            ).start()
 
     @property
     def queued(self) -> int:
@@ -132,15 +112,26 @@ class Batcher:
 
     @property
     def in_flight(self) -> int:
+        """Calls queued or in a forward pass whose outputs have not been handed back."""
         return len(self._queue) + self._running
 
     async def submit(
         self, inputs: Sequence[np.ndarray], deadline: float | None = None
     ) -> Completed:
-        """Queue one validated call and wait for its outputs.
+        """Queue one validated call and wait for its outputs."""
+        call = self.enqueue(inputs, deadline)
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            self.withdraw(call)
+            raise
 
-        ``deadline`` is a ``time.monotonic()`` instant; a call still queued
-        then is dropped without running the model.
+    def enqueue(self, inputs: Sequence[np.ndarray], deadline: float | None = None) -> QueuedCall:
+        """Queue one validated call without waiting: its ``future`` gives the outputs.
+
+        For pipelines (streams) that start many calls and collect them in
+        order, with no task per call. ``deadline`` is a ``time.monotonic()``
+        instant; a call still queued then is dropped without running the model.
         """
         if self._closing:
             raise Cancelled(f"model {self.config.name!r} version is being replaced or unloaded")
@@ -151,135 +142,131 @@ class Batcher:
                 f" (max_queue_size {self.config.batching.max_queue_size}); retry later"
             )
         batched = self.config.batched
-        call = _Call(
+        call = QueuedCall(
             inputs=inputs,
             rows=inputs[0].shape[0] if batched else 1,
             key=tuple(a.shape[1:] for a in inputs) if batched else (),
-            future=asyncio.get_running_loop().create_future(),
+            future=self._loop.create_future(),
             deadline=deadline,
         )
-        self._queue.append(call)
-        self._wakeup.set()
-        try:
-            outputs = await call.future
-        except asyncio.CancelledError:
-            # The caller went away: free its queue slot now, not when it is reached.
-            with contextlib.suppress(ValueError):
-                self._queue.remove(call)
-            raise
-        return Completed(outputs, call.started - call.enqueued, call.finished - call.started)
+        with self._lock:
+            self._queue.append(call)
+        self._tokens.put(True)
+        return call
+
+    def withdraw(self, call: QueuedCall) -> None:
+        """The caller went away: cancel the call and free its queue slot now."""
+        call.future.cancel()
+        with self._lock, contextlib.suppress(ValueError):
+            self._queue.remove(call)
 
     async def close(self) -> None:
-        """Stop taking calls, finish those queued and running, then stop consumers."""
-        self._closing = True
-        self._wakeup.set()
-        await asyncio.gather(*self._consumers, return_exceptions=True)
-        for worker in self._workers:
-            worker.stop()
+        """Stop taking calls, finish those queued and running, then stop the workers."""
+        if not self._closing:
+            self._closing = True
+            for _ in self._stopped:
+                self._tokens.put(_STOP)
+        await asyncio.gather(*self._stopped)
 
-    async def _consume(self, worker: Worker) -> None:
+    # -- worker threads --------------------------------------------------------
+
+    def _serve(self, stopped: asyncio.Future[None]) -> None:
+        try:
+            while self._tokens.get() is not _STOP:
+                self._drain()
+            self._drain()  # closing: nothing queued is dropped
+        finally:
+            self._post(_resolve, stopped)
+
+    def _drain(self) -> None:
+        """Run batches until the queue is empty (tokens only say "look")."""
         delay = self.config.batching.max_queue_delay_us / 1e6
-        while True:
-            while not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+        while self._queue:
             if delay and self.config.batched and not self._closing:
-                await self._wait_for_more(delay)
-            calls = self._take_batch()
-            if not calls:
-                continue
-            self._running += 1
-            try:
-                await self._run_batch(calls, worker)
-            finally:
-                self._running -= 1
+                self._wait_for_more(delay)
+            self._run_batch(self._take_batch())
 
-    async def _wait_for_more(self, delay: float) -> None:
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        """Run ``callback`` on the event loop; dropped if the loop is already gone."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _wait_for_more(self, delay: float) -> None:
         """Wait up to ``delay`` after the oldest call for the batch to fill."""
         preferred = self.config.batching.preferred_batch_sizes
         target = self.config.max_batch_size
-        until = self._queue[0].enqueued + delay
         while True:
-            rows = sum(c.rows for c in self._queue)
+            with self._lock:
+                if not self._queue:
+                    return
+                until = self._queue[0].enqueued + delay
+                rows = sum(c.rows for c in self._queue)
             remaining = until - time.perf_counter()
             if rows >= target or rows in preferred or remaining <= 0:
                 return
-            self._wakeup.clear()
             try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
+                token = self._tokens.get(timeout=remaining)
+            except queue.Empty:
+                return
+            if token is _STOP:
+                self._tokens.put(_STOP)  # for the outer loop to see
                 return
 
-    def _take_batch(self) -> list[_Call]:
+    def _take_batch(self) -> list[QueuedCall]:
         """Remove the oldest live call and the compatible calls behind it."""
         now = time.monotonic()
-        first = None
-        while self._queue and first is None:
-            call = self._queue.popleft()
-            if self._is_live(call, now):
-                first = call
-        if first is None:
-            return []
-        batch = [first]
-        if not self.config.batched:
-            return batch
-        rows = first.rows
-        limit = self.config.max_batch_size
-        skipped: list[_Call] = []
-        while self._queue and rows < limit:
-            call = self._queue.popleft()
-            if not self._is_live(call, now):
-                continue
-            if call.key == first.key and rows + call.rows <= limit:
-                batch.append(call)
-                rows += call.rows
-            else:
-                skipped.append(call)
-        self._queue.extendleft(reversed(skipped))
+        expired: list[QueuedCall] = []
+        batch: list[QueuedCall] = []
+        with self._lock:
+            while self._queue and not batch:
+                call = self._queue.popleft()
+                if self._is_live(call, now, expired):
+                    batch.append(call)
+            if batch and self.config.batched:
+                first = batch[0]
+                rows = first.rows
+                limit = self.config.max_batch_size
+                skipped: list[QueuedCall] = []
+                while self._queue and rows < limit:
+                    call = self._queue.popleft()
+                    if not self._is_live(call, now, expired):
+                        continue
+                    if call.key == first.key and rows + call.rows <= limit:
+                        batch.append(call)
+                        rows += call.rows
+                    else:
+                        skipped.append(call)
+                self._queue.extendleft(reversed(skipped))
+            self._running += len(batch)
+        if expired:
+            self._post(self._expire, expired)
         return batch
 
-    def _is_live(self, call: _Call, now: float) -> bool:
-        if call.future.done():
+    @staticmethod
+    def _is_live(call: QueuedCall, now: float, expired: list[QueuedCall]) -> bool:
+        if call.future.done():  # cancelled by its caller meanwhile
             return False
         if call.deadline is not None and now >= call.deadline:
-            self.stats.expired += 1
-            call.future.set_exception(
-                DeadlineExceeded(f"deadline passed while queued for model {self.config.name!r}")
-            )
+            expired.append(call)
             return False
         return True
 
-    async def _run_batch(self, calls: list[_Call], worker: Worker) -> None:
+    def _run_batch(self, calls: list[QueuedCall]) -> None:
+        if not calls:
+            return
         started = time.perf_counter()
         try:
-            outputs = await worker.run(self._run_calls, calls)
+            results: list[list[np.ndarray]] | EdgeInferError = self._run_calls(calls)
         except EdgeInferError as error:
-            for call in calls:
-                if not call.future.done():
-                    call.future.set_exception(error)
-            return
+            results = error
         except Exception as error:  # a bug in splitting, not in the model
-            failure = ModelExecutionError(
+            results = ModelExecutionError(
                 f"model {self.config.name!r} failed: {type(error).__name__}"
             )
-            for call in calls:
-                if not call.future.done():
-                    call.future.set_exception(failure)
-            return
-        rows = sum(c.rows for c in calls)
-        self.stats.batches += 1
-        self.stats.rows += rows
-        self.stats.sizes[rows] += 1
-        finished = time.perf_counter()
-        for call, result in zip(calls, outputs, strict=True):
-            call.started, call.finished = started, finished
-            if not call.future.done():
-                call.future.set_result(result)
+        self._post(self._deliver, calls, results, started, time.perf_counter())
 
-    def _run_calls(self, calls: list[_Call]) -> list[list[np.ndarray]]:
-        """Worker thread: stack, run once, split back by rows."""
+    def _run_calls(self, calls: list[QueuedCall]) -> list[list[np.ndarray]]:
+        """Stack, run once, split back by rows."""
         if len(calls) == 1:
             return [self._run(calls[0].inputs)]
         stacked = [np.concatenate(parts) for parts in zip(*(c.inputs for c in calls), strict=True)]
@@ -298,3 +285,41 @@ class Batcher:
             results.append([output[start:end] for output in outputs])
             start = end
         return results
+
+    # -- back on the event loop ------------------------------------------------
+
+    def _deliver(
+        self,
+        calls: list[QueuedCall],
+        results: list[list[np.ndarray]] | EdgeInferError,
+        started: float,
+        finished: float,
+    ) -> None:
+        with self._lock:
+            self._running -= len(calls)
+        if isinstance(results, EdgeInferError):
+            for call in calls:
+                if not call.future.done():
+                    call.future.set_exception(results)
+            return
+        rows = sum(c.rows for c in calls)
+        self.stats.batches += 1
+        self.stats.rows += rows
+        self.stats.sizes[rows] += 1
+        compute_s = finished - started
+        for call, result in zip(calls, results, strict=True):
+            if not call.future.done():
+                call.future.set_result(Completed(result, started - call.enqueued, compute_s))
+
+    def _expire(self, calls: list[QueuedCall]) -> None:
+        for call in calls:
+            if not call.future.done():
+                self.stats.expired += 1
+                call.future.set_exception(
+                    DeadlineExceeded(f"deadline passed while queued for model {self.config.name!r}")
+                )
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -17,6 +17,7 @@ import numpy as np
 import structlog
 
 from edgeinfer.tensors import shape_repr
+from edgeinferd.batching import QueuedCall
 from edgeinferd.errors import Cancelled, InvalidInput, ModelExecutionError, PermissionDenied
 from edgeinferd.generation import params as generation_params
 from edgeinferd.generation.sequence import GenerationEvent
@@ -66,6 +67,20 @@ class GenerationRequest:
     deadline: float | None = None
 
 
+@dataclass(eq=False, slots=True)
+class PendingInference:
+    """A validated call in its model's queue: what ``finish`` needs to answer it."""
+
+    request: InferenceRequest
+    loaded: LoadedVersion
+    #: Indices of the outputs the caller asked for.
+    wanted: list[int]
+    queued: QueuedCall
+    started: float
+    #: Finished or abandoned: counted once.
+    ended: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """What the data plane may know about who is calling."""
@@ -85,59 +100,97 @@ class DataPlane:
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Validate, queue, run and answer one call; every outcome is counted."""
-        started = time.perf_counter()
-        self.metrics.in_flight += 1
+        pending = self.start(request)
         try:
-            response = await self._infer(request)
-        except BaseException as error:
-            if isinstance(error, asyncio.CancelledError):
-                error = Cancelled("the caller cancelled the call")
+            await pending.queued.future
+        except asyncio.CancelledError:
+            self.abandon(pending)
+            raise
+        except Exception:
+            pass  # finish() counts it and raises it
+        return self.finish(pending)
+
+    def start(self, request: InferenceRequest) -> PendingInference:
+        """Validate and queue one call without waiting for it.
+
+        Streams start each message as it arrives and ``finish`` them in order,
+        so many are in the batcher at once with no task per message. Every
+        started call must end in ``finish`` or ``abandon``. Raises (after
+        counting) for a call that cannot be queued.
+        """
+        started = time.perf_counter()
+        try:
+            loaded = self.models.serving(request.model, request.version)
+            if loaded.engine is not None:
+                raise InvalidInput(f"model {request.model!r} is generative; call Generate")
+            arrays = validate_inputs(loaded.config, request.inputs)
+            wanted = select_outputs(loaded.config, request.outputs)
+            queued = loaded.batcher.enqueue(arrays, request.deadline)
+        except Exception as error:
             self.metrics.record(
                 request.model, request.version, error, time.perf_counter() - started
             )
             raise
-        finally:
-            self.metrics.in_flight -= 1
-        elapsed = time.perf_counter() - started
+        self.metrics.in_flight += 1
+        return PendingInference(request, loaded, wanted, queued, started)
+
+    def finish(self, pending: PendingInference) -> InferenceResponse:
+        """The answer to a started call whose future is done; raises its error."""
+        future = pending.queued.future
+        if future.cancelled():
+            self.abandon(pending)
+            raise Cancelled("the call was cancelled")
+        request, loaded = pending.request, pending.loaded
+        self.metrics.in_flight -= 1
+        pending.ended = True
+        elapsed = time.perf_counter() - pending.started
+        error = future.exception()
+        if error is not None:
+            self.metrics.record(request.model, loaded.version, error, elapsed)
+            if isinstance(error, ModelExecutionError):
+                log.error(
+                    "forward pass failed",
+                    model=request.model,
+                    version=loaded.version,
+                    request_id=request.id,
+                    error=str(error),
+                    cause=repr(error.__cause__) if error.__cause__ else None,
+                )
+            raise error
+        completed = future.result()
         self.metrics.record(
-            request.model, response.version, None, elapsed, response.queue_s, response.compute_s
+            request.model, loaded.version, None, elapsed, completed.queue_s, completed.compute_s
         )
         # A no-op unless the level is debug: the hot path pays one call.
         log.debug(
             "request",
             model=request.model,
-            version=response.version,
+            version=loaded.version,
             request_id=request.id,
             duration_ms=round(elapsed * 1000, 3),
         )
-        return response
-
-    async def _infer(self, request: InferenceRequest) -> InferenceResponse:
-        loaded = self.models.serving(request.model, request.version)
-        if loaded.engine is not None:
-            raise InvalidInput(f"model {request.model!r} is generative; call Generate")
-        arrays = validate_inputs(loaded.config, request.inputs)
-        wanted = select_outputs(loaded.config, request.outputs)
-        try:
-            completed = await loaded.batcher.submit(arrays, request.deadline)
-        except ModelExecutionError as error:
-            log.error(
-                "forward pass failed",
-                model=request.model,
-                version=loaded.version,
-                request_id=request.id,
-                error=str(error),
-                cause=repr(error.__cause__) if error.__cause__ else None,
-            )
-            raise
         names = loaded.runner.output_names
         return InferenceResponse(
             model=request.model,
             version=loaded.version,
             id=request.id,
-            outputs={names[i]: completed.outputs[i] for i in wanted},
+            outputs={names[i]: completed.outputs[i] for i in pending.wanted},
             queue_s=completed.queue_s,
             compute_s=completed.compute_s,
+        )
+
+    def abandon(self, pending: PendingInference) -> None:
+        """The caller went away: withdraw the call and count it as cancelled (once)."""
+        if pending.ended:
+            return
+        pending.ended = True
+        pending.loaded.batcher.withdraw(pending.queued)
+        self.metrics.in_flight -= 1
+        self.metrics.record(
+            pending.request.model,
+            pending.loaded.version,
+            Cancelled("the caller cancelled the call"),
+            time.perf_counter() - pending.started,
         )
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:

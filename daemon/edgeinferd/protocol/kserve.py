@@ -12,6 +12,7 @@ of ``raw_input_contents`` with ``inputs``, and typed ``contents`` fields.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Never, TypeAlias
@@ -467,7 +468,16 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     ),
                 )
 
-        async for answer in answer_in_order(request_iterator, one):
+        def cancel(task: asyncio.Task[pb.ModelStreamInferResponse]) -> None:
+            task.cancel()
+
+        # A task per message: simpler than edgeinfer.v1's fast path, and V2 streams are rarer.
+        async for answer in answer_in_order(
+            request_iterator,
+            start=lambda message: asyncio.ensure_future(one(message)),
+            finish=lambda task: task,
+            abandon=cancel,
+        ):
             yield answer
 
     # -- model repository ----------------------------------------------------------

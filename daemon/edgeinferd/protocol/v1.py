@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -26,6 +26,8 @@ from edgeinferd.dataplane import (
     DataPlane,
     GenerationRequest,
     InferenceRequest,
+    InferenceResponse,
+    PendingInference,
     monotonic_deadline,
 )
 from edgeinferd.errors import InvalidInput
@@ -192,6 +194,13 @@ def stats_message(dataplane: DataPlane) -> pb.Stats:
     return stats
 
 
+class _StreamMessage(NamedTuple):
+    """A stream message, and its queued call or why it could not be queued."""
+
+    message: pb.PredictRequest
+    started: PendingInference | Exception
+
+
 def caller_of(context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
     return Caller(via_unix_socket=context.peer().startswith("unix:"))
 
@@ -203,9 +212,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def _respond(
         self, message: pb.PredictRequest, time_remaining: float | None
     ) -> pb.PredictResponse:
-        shm = self.dataplane.shared_memory
-        request = decode_request(message, time_remaining, shm)
-        result = await self.dataplane.infer(request)
+        request = decode_request(message, time_remaining, self.dataplane.shared_memory)
+        return self._encode(message, await self.dataplane.infer(request))
+
+    def _encode(self, message: pb.PredictRequest, result: InferenceResponse) -> pb.PredictResponse:
         response = pb.PredictResponse(model=result.model, version=result.version, id=result.id)
         targets = {o.name: o.shared_memory for o in message.outputs if o.HasField("shared_memory")}
         for name, array in result.outputs.items():
@@ -214,7 +224,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if target is None:
                 to_proto(name, array, tensor)
             else:
-                write_to_shared_memory(shm, name, array, target, tensor)
+                write_to_shared_memory(self.dataplane.shared_memory, name, array, target, tensor)
         return response
 
     async def Predict(
@@ -232,9 +242,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.PredictStreamResponse]:
         """Answer in request order while up to STREAM_PIPELINE_DEPTH messages run at once."""
 
-        async def one(message: pb.PredictRequest) -> pb.PredictStreamResponse:
+        def start(message: pb.PredictRequest) -> _StreamMessage:
             try:
-                response = await self._respond(message, context.time_remaining())
+                request = decode_request(
+                    message, context.time_remaining(), self.dataplane.shared_memory
+                )
+                return _StreamMessage(message, self.dataplane.start(request))
+            except Exception as error:
+                return _StreamMessage(message, error)
+
+        async def finish(item: _StreamMessage) -> pb.PredictStreamResponse:
+            message, started = item
+            try:
+                if isinstance(started, Exception):
+                    raise started
+                with contextlib.suppress(Exception):  # finish() raises it, counted
+                    await started.queued.future
+                response = self._encode(message, self.dataplane.finish(started))
                 return pb.PredictStreamResponse(id=message.id, response=response)
             except Exception as error:
                 code, text = status_for(error, message.id)
@@ -242,7 +266,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     id=message.id, error=pb.Error(code=code.value[0], message=text)
                 )
 
-        async for answer in answer_in_order(request_iterator, one):
+        def abandon(item: _StreamMessage) -> None:
+            if isinstance(item.started, PendingInference):
+                self.dataplane.abandon(item.started)
+
+        async for answer in answer_in_order(request_iterator, start, finish, abandon):
             yield answer
 
     async def Generate(
