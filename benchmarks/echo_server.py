@@ -12,7 +12,10 @@ size the model would return (zeros, built from cached bytes), and
 ``--option grpc.so_reuseport=1`` (repeatable) passes server options through, to
 compare transport settings; with ``--reuseport`` several echo processes can
 share one TCP port; ``--noop-interceptor`` adds a server interceptor that does
-nothing, to see what interception alone costs.
+nothing, to see what interception alone costs; ``--thread-hop`` sends each
+unary call to a worker thread and back, doing nothing there, to see what
+keeping work off the event loop costs by itself (the daemon's forward passes
+run in such a thread).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import queue
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +61,7 @@ class Echo(inference_pb2_grpc.InferenceServicer):  # type: ignore[misc]
         self.outputs = outputs
         self.max_batch_size = max_batch_size
         self._zeros: dict[tuple[int, int], bytes] = {}
+        self._hop: ThreadHop | None = None
 
     def _output_tensors(self, rows: int) -> list[tensor_pb2.Tensor]:
         tensors = []
@@ -81,6 +87,8 @@ class Echo(inference_pb2_grpc.InferenceServicer):  # type: ignore[misc]
     async def Predict(
         self, request: inference_pb2.PredictRequest, context: Any
     ) -> inference_pb2.PredictResponse:
+        if self._hop is not None:
+            await self._hop.run()
         return self._respond(request)
 
     async def PredictStream(
@@ -109,6 +117,26 @@ class Echo(inference_pb2_grpc.InferenceServicer):  # type: ignore[misc]
         return info
 
 
+class ThreadHop:
+    """To a worker thread and back, as the daemon hands a call to its forward-pass thread."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]
+        self._jobs = queue.SimpleQueue()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def run(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((loop, future))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            loop, future = self._jobs.get()
+            loop.call_soon_threadsafe(future.set_result, None)
+
+
 class NoopInterceptor(grpc.aio.ServerInterceptor):
     """Passes every call through unchanged: what any grpc.aio server interceptor costs."""
 
@@ -132,6 +160,8 @@ async def serve(args: argparse.Namespace) -> None:
     interceptors = [NoopInterceptor()] if args.noop_interceptor else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
     echo = Echo(args.model, args.input, args.output, args.max_batch_size)
+    if args.thread_hop:
+        echo._hop = ThreadHop()
     inference_pb2_grpc.add_InferenceServicer_to_server(echo, server)
     health = grpc.unary_unary_rpc_method_handler(
         _health,
@@ -166,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--option", action="append", default=[], help="KEY=VALUE server option")
     parser.add_argument(
         "--noop-interceptor", action="store_true", help="a server interceptor that does nothing"
+    )
+    parser.add_argument(
+        "--thread-hop", action="store_true", help="each unary call goes to a thread and back"
     )
     args = parser.parse_args(argv)
     if not (args.unix or args.tcp):
