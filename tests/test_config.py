@@ -114,6 +114,7 @@ def place(extra: str) -> str:
             "duplicate name 'y'",
         ),
         ("[instances]\ncount = 0\n", "instances.count", "from 1 to 64, got 0"),
+        ('[batching]\ndelay_policy = "sometimes"\n', "batching.delay_policy", "'adaptive'"),
     ],
 )
 def test_model_config_errors_name_file_and_field(extra: str, field: str, words: str) -> None:

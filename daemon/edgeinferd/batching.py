@@ -93,6 +93,10 @@ class Batcher:
         self._closing = False
         #: Calls taken by a worker whose outputs are not handed back yet (under _lock).
         self._running = 0
+        #: Workers waiting up to max_queue_delay_us for a fuller batch (under _lock).
+        self._filling = 0
+        #: The last forward pass served more than one call (the adaptive delay policy).
+        self._company = False
         self.stats = BatchStats()
         self._stopped: list[asyncio.Future[None]] = []
         # One thread per instance: each runs one forward pass at a time.
@@ -151,7 +155,10 @@ class Batcher:
         )
         with self._lock:
             self._queue.append(call)
-        self._tokens.put(True)
+            # A worker waiting for its batch to fill is woken only once it has.
+            wake = not self._filling or self._batch_full()
+        if wake:
+            self._tokens.put(True)
         return call
 
     def withdraw(self, call: QueuedCall) -> None:
@@ -180,11 +187,14 @@ class Batcher:
 
     def _drain(self) -> None:
         """Run batches until the queue is empty (tokens only say "look")."""
-        delay = self.config.batching.max_queue_delay_us / 1e6
+        batching = self.config.batching
+        delay = batching.max_queue_delay_us / 1e6 if self.config.batched else 0.0
         while self._queue:
-            if delay and self.config.batched and not self._closing:
+            if delay and not self._closing and (batching.delay_policy == "fixed" or self._company):
                 self._wait_for_more(delay)
-            self._run_batch(self._take_batch())
+            calls = self._take_batch()
+            self._company = len(calls) > 1
+            self._run_batch(calls)
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
         """Run ``callback`` on the event loop; dropped if the loop is already gone."""
@@ -193,24 +203,30 @@ class Batcher:
 
     def _wait_for_more(self, delay: float) -> None:
         """Wait up to ``delay`` after the oldest call for the batch to fill."""
-        preferred = self.config.batching.preferred_batch_sizes
-        target = self.config.max_batch_size
         while True:
             with self._lock:
-                if not self._queue:
+                if not self._queue or self._batch_full():
                     return
-                until = self._queue[0].enqueued + delay
-                rows = sum(c.rows for c in self._queue)
-            remaining = until - time.perf_counter()
-            if rows >= target or rows in preferred or remaining <= 0:
-                return
+                remaining = self._queue[0].enqueued + delay - time.perf_counter()
+                if remaining <= 0:
+                    return
+                self._filling += 1
             try:
                 token = self._tokens.get(timeout=remaining)
             except queue.Empty:
                 return
+            finally:
+                with self._lock:
+                    self._filling -= 1
             if token is _STOP:
                 self._tokens.put(_STOP)  # for the outer loop to see
                 return
+
+    def _batch_full(self) -> bool:
+        """Enough rows queued to stop waiting (call with ``_lock`` held)."""
+        rows = sum(c.rows for c in self._queue)
+        preferred = self.config.batching.preferred_batch_sizes
+        return rows >= self.config.max_batch_size or rows in preferred
 
     def _take_batch(self) -> list[QueuedCall]:
         """Remove the oldest live call and the compatible calls behind it."""

@@ -1,0 +1,120 @@
+"""Dynamic batching as callers see it: which calls share a forward pass, and when it runs.
+
+Batches are read from the daemon's own counters (GetStats), so each test says
+how many forward passes its calls became, not how fast they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import edgeinfer
+from edgeinfer.client import ModelStats
+from tests import models
+from tests.conftest import Daemon, StartDaemon
+
+MLP = models.mlp_module(0)
+
+#: Longer than any test waits (10 s, the config's limit): a batch that ran
+#: only when its delay ran out would fail the call on its 5 s deadline.
+FOREVER_US = 10_000_000
+FIXED = 'delay_policy = "fixed"\n'
+
+
+def reference(x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return MLP(torch.from_numpy(x)).numpy()
+
+
+def mlp_daemon(start_daemon: StartDaemon, tmp_path: Path, batching: str) -> Daemon:
+    repo = tmp_path / "repo"
+    config = models.MLP_CONFIG.replace("max_batch_size = 32", "max_batch_size = 4")
+    models.add_mlp(repo, config=config + "[batching]\n" + batching)
+    return start_daemon(repo)
+
+
+def call_together(daemon: Daemon, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Send every input at once from one asyncio client (5 s deadline each)."""
+
+    async def main() -> list[np.ndarray]:
+        async with edgeinfer.AsyncClient(daemon.address, timeout=5) as client:
+            answers = await asyncio.gather(*(client.predict("mlp", {"x": x}) for x in inputs))
+            return [answer["y"] for answer in answers]
+
+    return asyncio.run(main())
+
+
+def served(daemon: Daemon) -> ModelStats:
+    with daemon.client(timeout=10) as client:
+        (stats,) = [m for m in client.get_stats().models if m.model == "mlp"]
+        return stats
+
+
+def test_a_full_batch_runs_at_once_without_waiting_out_the_delay(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Four one-row calls fill max_batch_size 4 and run as one pass, long before the delay."""
+    daemon = mlp_daemon(start_daemon, tmp_path, f"max_queue_delay_us = {FOREVER_US}\n{FIXED}")
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((1, 16), dtype=np.float32) for _ in range(4)]
+    for x, y in zip(inputs, call_together(daemon, inputs), strict=True):
+        np.testing.assert_allclose(y, reference(x), rtol=1e-5, atol=1e-6)
+    stats = served(daemon)
+    assert (stats.batches, stats.batched_rows) == (1, 4)
+
+
+def test_a_preferred_batch_size_runs_at_once(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """Two rows reach preferred_batch_sizes = [2]: they run together without waiting for four."""
+    daemon = mlp_daemon(
+        start_daemon,
+        tmp_path,
+        f"max_queue_delay_us = {FOREVER_US}\npreferred_batch_sizes = [2]\n{FIXED}",
+    )
+    x = np.ones((1, 16), dtype=np.float32)
+    call_together(daemon, [x, 2 * x])
+    stats = served(daemon)
+    assert (stats.batches, stats.batched_rows) == (1, 2)
+
+
+def test_a_lone_call_runs_when_its_delay_ends(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """A call that no other joins runs alone once max_queue_delay_us has passed."""
+    daemon = mlp_daemon(start_daemon, tmp_path, f"max_queue_delay_us = 200000\n{FIXED}")
+    x = np.ones((2, 16), dtype=np.float32)
+    (y,) = call_together(daemon, [x])
+    np.testing.assert_allclose(y, reference(x), rtol=1e-5, atol=1e-6)
+    stats = served(daemon)
+    assert (stats.batches, stats.batched_rows) == (1, 2)
+
+
+def test_calls_that_would_overfill_a_batch_run_in_the_next(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Three two-row calls with max_batch_size 4: one pass of four rows, then one of two."""
+    daemon = mlp_daemon(start_daemon, tmp_path, f"max_queue_delay_us = 200000\n{FIXED}")
+    rng = np.random.default_rng(1)
+    inputs = [rng.standard_normal((2, 16), dtype=np.float32) for _ in range(3)]
+    for x, y in zip(inputs, call_together(daemon, inputs), strict=True):
+        np.testing.assert_allclose(y, reference(x), rtol=1e-5, atol=1e-6)
+    stats = served(daemon)
+    assert (stats.batches, stats.batched_rows) == (2, 6)
+
+
+def test_adaptive_delay_makes_a_lone_caller_wait_for_no_one(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """With the adaptive policy, one caller's calls in turn run at once, whatever the delay."""
+    daemon = mlp_daemon(
+        start_daemon, tmp_path, f'max_queue_delay_us = {FOREVER_US}\ndelay_policy = "adaptive"\n'
+    )
+    x = np.ones((1, 16), dtype=np.float32)
+    with daemon.client(timeout=5) as client:
+        for _ in range(5):
+            np.testing.assert_allclose(
+                client.predict("mlp", {"x": x})["y"], reference(x), rtol=1e-5, atol=1e-6
+            )
+    stats = served(daemon)
+    assert (stats.batches, stats.batched_rows) == (5, 5)
