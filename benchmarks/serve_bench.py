@@ -16,12 +16,14 @@ repository. Then, on this machine and in this order:
    four running at once and measured back to back per scenario (and, in the
    full run, in three rounds keeping each one's best: the machine is shared,
    and interference only ever slows a cell down);
-4. a 4 MiB input inline and through shared memory;
-5. the daemon's start-up time (spawn to health SERVING) and idle RSS, with this
+4. the daemon's costs taken apart: the echo server with a thread hop per call,
+   and the daemon without a queue delay, next to the echo server and the daemon;
+5. a 4 MiB input inline and through shared memory;
+6. the daemon's start-up time (spawn to health SERVING) and idle RSS, with this
    repository and with the example repository (build/models) if it is built;
-6. a py-spy profile of the daemon under unary c=32 load, and its CPU per call
+7. a py-spy profile of the daemon under unary c=32 load, and its CPU per call
    by thread;
-7. grpc.aio server options on the echo server over TCP.
+8. grpc.aio server options on the echo server over TCP.
 
 Writes benchmarks/results/serve_bench.{md,json,png} and profile.svg, and puts
 the tables into benchmarks/README.md between its result markers.
@@ -376,6 +378,56 @@ def run_scenarios(
                 table[target], "stream", bench(address, "mlp", process.pid, settings, *args)[0]
             )
     return table
+
+
+#: The decomposition's rows: (label, what it isolates).
+PARTS = [
+    ("echo", "gRPC alone: decode nothing, answer cached bytes"),
+    ("echo + thread hop", "the same, each call handed to a thread and back (no model)"),
+    ("daemon, no queue delay", "the daemon with max_queue_delay_us = 0"),
+    ("daemon (defaults)", "the daemon as shipped: adaptive 1 ms queue delay"),
+]
+
+
+def run_decomposition(
+    targets: dict[str, tuple[str, Process]], repo: Path, workdir: Path, settings: Settings
+) -> dict[str, dict[str, Any]]:
+    """The daemon's costs taken apart, side by side over Unix sockets.
+
+    The echo server with a thread hop costs what keeping work off the event
+    loop costs with no model; the daemon without a queue delay shows what the
+    adaptive delay buys. Every row runs each scenario back to back.
+    """
+    zero_repo = workdir / "repo-zero-delay"
+    shutil.copytree(repo, zero_repo)
+    config = zero_repo / "mlp" / "config.toml"
+    config.write_text(config.read_text() + "\n[batching]\nmax_queue_delay_us = 0\n")
+    hop_socket, zero_socket = workdir / "hop.sock", workdir / "zero.sock"
+    hop = Process("echo-hop", echo_command(hop_socket, None, ["--thread-hop"]), workdir, hop_socket)
+    zero = Process("daemon-zero", daemon_command(zero_repo, zero_socket), workdir, zero_socket)
+    try:
+        hop.wait_ready(f"unix://{hop_socket}")
+        zero.wait_ready(f"unix://{zero_socket}")
+        rows = {
+            "echo": targets["echo unix"],
+            "echo + thread hop": (f"unix://{hop_socket}", hop),
+            "daemon, no queue delay": (f"unix://{zero_socket}", zero),
+            "daemon (defaults)": targets["daemon unix"],
+        }
+        cells: dict[str, dict[str, Any]] = {label: {} for label in rows}
+        stream = ("--mode", "stream", "-c", str(STREAM_DEPTH))
+        for _ in range(settings.rounds):
+            for key, args in (("c1", ("-c", "1")), ("c32", ("-c", "32")), ("stream", stream)):
+                for label, (address, process) in rows.items():
+                    if key == "stream" and label == "echo + thread hop":
+                        continue  # its hop is for unary calls only
+                    keep_best(
+                        cells[label], key, bench(address, "mlp", process.pid, settings, *args)[0]
+                    )
+    finally:
+        hop.stop()
+        zero.stop()
+    return cells
 
 
 def run_large_input(
@@ -999,6 +1051,30 @@ def render_profile(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_decomposition(data: dict[str, Any]) -> str:
+    parts = data.get("decomposition")
+    if not parts:
+        return "(not measured in this run)"
+    lines = [
+        "Unix sockets, batch-1 calls; each scenario runs on every row back to back (best of"
+        f" {data['settings']['rounds']} round(s)). CPU is the server's, per call.",
+        "",
+        "| server | what it isolates | 1 caller: p50 ms | CPU µs | 32 callers: calls/s | CPU µs"
+        f" | stream ({STREAM_DEPTH} in flight): messages/s | CPU µs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, meaning in PARTS:
+        row = parts.get(label, {})
+        c1, c32, stream = row.get("c1"), row.get("c32"), row.get("stream")
+        p50 = "n/a" if c1 is None else f"{c1['latency_ms']['p50']:.2f}"
+        lines.append(
+            f"| {label} | {meaning} | {p50} | {_cpu_per_call(c1)} | {_rate(c32)}"
+            f" | {_cpu_per_call(c32)} | {_rate(stream) if stream else '-'}"
+            f" | {_cpu_per_call(stream) if stream else '-'} |"
+        )
+    return "\n".join(lines)
+
+
 def render_variants(data: dict[str, Any]) -> str:
     lines = [
         "Echo server over TCP, unary batch 1, 32 callers"
@@ -1099,11 +1175,17 @@ def write_outputs(data: dict[str, Any], readme: bool) -> str:
     results = render(data)
     profile = render_profile(data)
     variants = render_variants(data)
-    text = f"{results}\n\n## Profile\n\n{profile}\n\n## grpc.aio server options\n\n{variants}\n"
+    parts = render_decomposition(data)
+    text = (
+        f"{results}\n\n## The daemon's costs, taken apart\n\n{parts}\n\n## Profile\n\n"
+        f"{profile}\n\n## grpc.aio server options\n\n{variants}\n"
+    )
     (RESULTS / "serve_bench.md").write_text(f"# serve_bench results\n\n{text}")
     plot(data, RESULTS / "serve_bench.png")
     if readme:
-        update_readme({"results": results, "profile": profile, "variants": variants})
+        update_readme(
+            {"results": results, "parts": parts, "profile": profile, "variants": variants}
+        )
     return text
 
 
@@ -1147,6 +1229,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             log(f"scenarios with {processes} load process(es)")
             data["scenarios"] = run_scenarios(targets_by_name, processes, settings)
+            log("the daemon's costs, taken apart")
+            data["decomposition"] = run_decomposition(targets_by_name, repo, workdir, settings)
             log("4 MiB input")
             data["large_input"] = run_large_input(targets_by_name, settings)
             log("profile")
