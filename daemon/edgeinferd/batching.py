@@ -87,8 +87,9 @@ class Batcher:
         self._loop = asyncio.get_running_loop()
         self._queue: deque[QueuedCall] = deque()
         self._lock = threading.Lock()
-        #: One token per submitted call (plus one _STOP per worker at close); a
-        #: worker blocks here when it has nothing to do.
+        #: "Look at the queue": one per call, except while a worker waits for its
+        #: batch to fill (then only once it is full); one _STOP per worker at
+        #: close. An idle worker blocks here.
         self._tokens: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._closing = False
         #: Calls taken by a worker whose outputs are not handed back yet (under _lock).
