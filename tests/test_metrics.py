@@ -70,15 +70,25 @@ def test_metrics_count_requests_by_status_and_latency(
     assert stats.resident_memory_bytes > 10 * 2**20
 
 
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the process's open sockets (an fd closed while listing is skipped)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except FileNotFoundError:
+            continue
+        if link.startswith("socket:"):
+            inodes.add(link[8:-1])
+    return inodes
+
+
 def test_metrics_are_off_by_default(start_daemon: StartDaemon, tmp_path: Path) -> None:
     """Without [metrics] nothing listens for HTTP."""
     repo = tmp_path / "repo"
     models.add_mlp(repo)
     daemon = start_daemon(repo)
-    fds = Path(f"/proc/{daemon.process.pid}/fd")
-    inodes = {
-        os.readlink(fd)[8:-1] for fd in fds.iterdir() if os.readlink(fd).startswith("socket:")
-    }
+    inodes = socket_inodes(daemon.process.pid)
     tcp = Path("/proc/net/tcp").read_text().splitlines()[1:]
     tcp += Path("/proc/net/tcp6").read_text().splitlines()[1:]
     listening = [line for line in tcp if line.split()[3] == "0A" and line.split()[9] in inodes]
