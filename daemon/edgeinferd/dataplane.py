@@ -100,7 +100,10 @@ class DataPlane:
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Validate, queue, run and answer one call; every outcome is counted."""
-        pending = self.start(request)
+        return await self.complete(self.start(request))
+
+    async def complete(self, pending: PendingInference) -> InferenceResponse:
+        """Wait for a started call and answer it; if the waiter is cancelled, abandon it."""
         try:
             await pending.queued.future
         except asyncio.CancelledError:
@@ -113,10 +116,10 @@ class DataPlane:
     def start(self, request: InferenceRequest) -> PendingInference:
         """Validate and queue one call without waiting for it.
 
-        Streams start each message as it arrives and ``finish`` them in order,
-        so many are in the batcher at once with no task per message. Every
-        started call must end in ``finish`` or ``abandon``. Raises (after
-        counting) for a call that cannot be queued.
+        Streams start each message as it arrives and ``complete`` them in
+        order, so many are in the batcher at once with no task per message.
+        Every started call must end in ``finish`` (which ``complete`` calls) or
+        ``abandon``. Raises (after counting) for a call that cannot be queued.
         """
         started = time.perf_counter()
         try:

@@ -256,9 +256,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             try:
                 if isinstance(started, Exception):
                     raise started
-                with contextlib.suppress(Exception):  # finish() raises it, counted
-                    await started.queued.future
-                response = self._encode(message, self.dataplane.finish(started))
+                response = self._encode(message, await self.dataplane.complete(started))
                 return pb.PredictStreamResponse(id=message.id, response=response)
             except Exception as error:
                 code, text = status_for(error, message.id)
