@@ -115,3 +115,49 @@ def test_adaptive_delay_makes_a_lone_caller_wait_for_no_one(
             )
     stats = served(daemon)
     assert (stats.batches, stats.batched_rows) == (5, 5)
+
+
+SLOW_CONFIG = """
+max_batch_size = 2
+[[inputs]]
+name = "x"
+dtype = "float32"
+shape = [1]
+[[outputs]]
+name = "y"
+dtype = "float32"
+shape = [1]
+[batching]
+max_queue_delay_us = 10000000
+delay_policy = "adaptive"
+"""
+
+
+def test_adaptive_delay_waits_once_calls_have_shared_a_pass(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """After two calls shared a forward pass, the next lone call waits for company, and gets it."""
+    repo = tmp_path / "repo"
+    folder = models.write_model(repo, "slow", SLOW_CONFIG)
+    torch.jit.script(models.Slow()).save(str(folder / "model.pt"))
+    daemon = start_daemon(repo)
+
+    def rounds(n: int) -> dict[str, np.ndarray]:
+        return {"x": np.full((1, 1), n, dtype=np.float32)}
+
+    async def main() -> None:
+        async with edgeinfer.AsyncClient(daemon.address, timeout=5) as client:
+            # A long pass runs alone (nothing shared a pass yet, so nothing waits) ...
+            alone = asyncio.ensure_future(client.predict("slow", rounds(3000)))
+            await asyncio.sleep(0.1)
+            # ... while two calls queue behind it and then share the next pass.
+            await asyncio.gather(alone, *(client.predict("slow", rounds(1)) for _ in range(2)))
+            # Now a lone call waits (up to 10 s) until a second one fills its batch of 2.
+            first = asyncio.ensure_future(client.predict("slow", rounds(1)))
+            await asyncio.sleep(0.3)
+            await asyncio.gather(first, client.predict("slow", rounds(1)))
+
+    asyncio.run(main())
+    with daemon.client(timeout=10) as client:
+        (stats,) = [m for m in client.get_stats().models if m.model == "slow"]
+    assert (stats.batches, stats.batched_rows) == (3, 5)
