@@ -120,23 +120,13 @@ class Batcher:
         """Calls queued or in a forward pass whose outputs have not been handed back."""
         return len(self._queue) + self._running
 
-    async def submit(
-        self, inputs: Sequence[np.ndarray], deadline: float | None = None
-    ) -> Completed:
-        """Queue one validated call and wait for its outputs."""
-        call = self.enqueue(inputs, deadline)
-        try:
-            return await call.future
-        except asyncio.CancelledError:
-            self.withdraw(call)
-            raise
-
     def enqueue(self, inputs: Sequence[np.ndarray], deadline: float | None = None) -> QueuedCall:
         """Queue one validated call without waiting: its ``future`` gives the outputs.
 
-        For pipelines (streams) that start many calls and collect them in
-        order, with no task per call. ``deadline`` is a ``time.monotonic()``
-        instant; a call still queued then is dropped without running the model.
+        Streams start many calls this way and collect them in order, with no
+        task per call. ``deadline`` is a ``time.monotonic()`` instant; a call
+        still queued then is dropped without running the model. A caller that
+        stops waiting calls ``withdraw``.
         """
         if self._closing:
             raise Cancelled(f"model {self.config.name!r} version is being replaced or unloaded")

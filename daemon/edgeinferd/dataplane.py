@@ -69,7 +69,7 @@ class GenerationRequest:
 
 @dataclass(eq=False, slots=True)
 class PendingInference:
-    """A validated call in its model's queue: what ``finish`` needs to answer it."""
+    """A validated call in its model's queue: what ``complete`` needs to answer it."""
 
     request: InferenceRequest
     loaded: LoadedVersion
@@ -110,16 +110,16 @@ class DataPlane:
             self.abandon(pending)
             raise
         except Exception:
-            pass  # finish() counts it and raises it
-        return self.finish(pending)
+            pass  # _finish() counts it and raises it
+        return self._finish(pending)
 
     def start(self, request: InferenceRequest) -> PendingInference:
         """Validate and queue one call without waiting for it.
 
         Streams start each message as it arrives and ``complete`` them in
         order, so many are in the batcher at once with no task per message.
-        Every started call must end in ``finish`` (which ``complete`` calls) or
-        ``abandon``. Raises (after counting) for a call that cannot be queued.
+        Every started call must end in ``complete`` or ``abandon``. Raises
+        (after counting) for a call that cannot be queued.
         """
         started = time.perf_counter()
         try:
@@ -137,7 +137,7 @@ class DataPlane:
         self.metrics.in_flight += 1
         return PendingInference(request, loaded, wanted, queued, started)
 
-    def finish(self, pending: PendingInference) -> InferenceResponse:
+    def _finish(self, pending: PendingInference) -> InferenceResponse:
         """The answer to a started call whose future is done; raises its error."""
         future = pending.queued.future
         if future.cancelled():
