@@ -126,12 +126,10 @@ class Slow(nn.Module):
         return x + state[0, 0] * 0
 
 
-def add_slow(repo: Path, name: str = "slow") -> None:
-    folder = write_model(
-        repo,
-        name,
-        """
-max_batch_size = 1
+def scalar_config(max_batch_size: int, tables: str = "") -> str:
+    """The config of a model taking and returning one float32 per row (x -> y), plus ``tables``."""
+    return f"""
+max_batch_size = {max_batch_size}
 [[inputs]]
 name = "x"
 dtype = "float32"
@@ -140,10 +138,14 @@ shape = [1]
 name = "y"
 dtype = "float32"
 shape = [1]
-[instances]
-count = 2
-""",
-    )
+{tables}"""
+
+
+SLOW_CONFIG = scalar_config(1, "[instances]\ncount = 2\n")
+
+
+def add_slow(repo: Path, name: str = "slow", config: str = SLOW_CONFIG) -> None:
+    folder = write_model(repo, name, config)
     torch.jit.script(Slow()).save(str(folder / "model.pt"))
 
 

@@ -19,7 +19,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch import nn
 
-from tests.models import write_model
+from tests.models import scalar_config, write_model
 
 PREDICT = "/edgeinfer.v1.Inference/Predict"
 PREDICT_STREAM = "/edgeinfer.v1.Inference/PredictStream"
@@ -135,25 +135,9 @@ class Counter(nn.Module):
         return x * 0 + self.calls + state[0, 0] * 0
 
 
-COUNTER_CONFIG = """
-max_batch_size = 1
-[[inputs]]
-name = "x"
-dtype = "float32"
-shape = [1]
-[[outputs]]
-name = "y"
-dtype = "float32"
-shape = [1]
-[batching]
-max_queue_size = {queue}
-[instances]
-count = 1
-"""
-
-
 def add_counter(repo: Path, name: str = "counter", queue: int = 1024) -> None:
-    folder = write_model(repo, name, COUNTER_CONFIG.format(queue=queue))
+    tables = f"[batching]\nmax_queue_size = {queue}\n[instances]\ncount = 1\n"
+    folder = write_model(repo, name, scalar_config(1, tables))
     torch.jit.script(Counter()).save(str(folder / "model.pt"))
 
 

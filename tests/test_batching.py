@@ -117,20 +117,9 @@ def test_adaptive_delay_makes_a_lone_caller_wait_for_no_one(
     assert (stats.batches, stats.batched_rows) == (5, 5)
 
 
-SLOW_CONFIG = """
-max_batch_size = 2
-[[inputs]]
-name = "x"
-dtype = "float32"
-shape = [1]
-[[outputs]]
-name = "y"
-dtype = "float32"
-shape = [1]
-[batching]
-max_queue_delay_us = 10000000
-delay_policy = "adaptive"
-"""
+ADAPTIVE_SLOW_CONFIG = models.scalar_config(
+    2, f'[batching]\nmax_queue_delay_us = {FOREVER_US}\ndelay_policy = "adaptive"\n'
+)
 
 
 def test_adaptive_delay_waits_once_calls_have_shared_a_pass(
@@ -138,8 +127,7 @@ def test_adaptive_delay_waits_once_calls_have_shared_a_pass(
 ) -> None:
     """After two calls shared a forward pass, the next lone call waits for company, and gets it."""
     repo = tmp_path / "repo"
-    folder = models.write_model(repo, "slow", SLOW_CONFIG)
-    torch.jit.script(models.Slow()).save(str(folder / "model.pt"))
+    models.add_slow(repo, config=ADAPTIVE_SLOW_CONFIG)
     daemon = start_daemon(repo)
 
     def rounds(n: int) -> dict[str, np.ndarray]:
