@@ -94,6 +94,15 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def code_of_future(future: grpc.Future) -> grpc.StatusCode:
+    """The status a finished (or finishing) call ended with."""
+    try:
+        future.result()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0, every: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

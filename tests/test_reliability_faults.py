@@ -25,6 +25,7 @@ from tests import models
 from tests.conftest import Daemon, StartDaemon, daemon_config
 from tests.reliability_helpers import (
     add_counter,
+    code_of_future,
     figure,
     settle,
     tree_digest,
@@ -148,14 +149,6 @@ def test_old_version_finishes_its_in_flight_calls(
     assert new_serving_while_old_busy
     assert quick["y"].shape == (1, 1)
     assert [r.version for r in results] == ["1", "1", "1"]
-
-
-def code_of_future(future: grpc.Future) -> grpc.StatusCode:
-    try:
-        future.result()
-    except grpc.RpcError as error:
-        return error.code()
-    return grpc.StatusCode.OK
 
 
 def test_failing_forward_pass_fails_only_its_batch(daemon: Daemon) -> None:

@@ -12,6 +12,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -26,6 +28,7 @@ from tests.conftest import Daemon, StartDaemon
 from tests.reliability_helpers import (
     MODEL_INFER,
     add_counter,
+    code_of_future,
     figure,
     raw_stream,
     rss_kib,
@@ -61,29 +64,44 @@ def counter_daemon(start_daemon: StartDaemon, tmp_path: Path, queue: int) -> Dae
     return start_daemon(repo)
 
 
-def outcome(future: grpc.Future) -> grpc.StatusCode:
-    try:
-        future.result()
-    except grpc.RpcError as error:
-        return error.code()
-    return grpc.StatusCode.OK
+@dataclass
+class Busy:
+    """A counter daemon whose one instance is busy with a long forward pass (``blocker``)."""
+
+    client: edgeinfer.Client
+    channel: grpc.Channel
+    stub: inference_pb2_grpc.InferenceStub
+    #: Forward passes before the blocker, so ``passes_since()`` counts what ran after.
+    before: int
+    blocker: grpc.Future
+
+    def passes_since(self) -> int:
+        """Forward passes since the blocker was sent, the blocker and this reading excluded."""
+        return count(self.client) - self.before - 1
 
 
-def test_full_queue_refuses_new_calls_at_once(start_daemon: StartDaemon, tmp_path: Path) -> None:
-    """Past max_queue_size, calls get RESOURCE_EXHAUSTED while the model is still busy."""
-    daemon = counter_daemon(start_daemon, tmp_path, queue=4)
+@contextmanager
+def busy(daemon: Daemon) -> Iterator[Busy]:
+    """Send a long call and wait until it runs with nothing queued behind it."""
     with daemon.client(timeout=60) as client, grpc.insecure_channel(daemon.address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         before = count(client)
         blocker = stub.Predict.future(spin(BLOCK_ROUNDS), timeout=120)
         assert wait_for(lambda: queue_state(client) == (0, 1))
-        calls = [stub.Predict.future(spin(0, f"c{i}"), timeout=120) for i in range(20)]
+        yield Busy(client, channel, stub, before, blocker)
+
+
+def test_full_queue_refuses_new_calls_at_once(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """Past max_queue_size, calls get RESOURCE_EXHAUSTED while the model is still busy."""
+    daemon = counter_daemon(start_daemon, tmp_path, queue=4)
+    with busy(daemon) as b:
+        calls = [b.stub.Predict.future(spin(0, f"c{i}"), timeout=120) for i in range(20)]
         assert wait_for(lambda: sum(f.done() for f in calls) >= 16)
-        still_running = not blocker.done()
+        still_running = not b.blocker.done()
         rejected = [f for f in calls if f.done()]
-        codes = Counter(outcome(f).name for f in calls)
-        assert outcome(blocker) == grpc.StatusCode.OK
-        ran = count(client) - before - 1
+        codes = Counter(code_of_future(f).name for f in calls)
+        assert code_of_future(b.blocker) == grpc.StatusCode.OK
+        ran = b.passes_since()
     figure("overload.queue_full", calls=20, max_queue_size=4, codes=dict(codes), model_ran=ran)
     assert still_running  # every refusal came back while the forward pass was still running
     assert len(rejected) == 16
@@ -96,15 +114,11 @@ def test_expired_calls_are_dropped_without_running(
 ) -> None:
     """Calls whose deadline passes while queued get DEADLINE_EXCEEDED and never reach the model."""
     daemon = counter_daemon(start_daemon, tmp_path, queue=64)
-    with daemon.client(timeout=60) as client, grpc.insecure_channel(daemon.address) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        before = count(client)
-        blocker = stub.Predict.future(spin(BLOCK_ROUNDS), timeout=120)
-        assert wait_for(lambda: queue_state(client) == (0, 1))
+    with busy(daemon) as b:
         # gRPC deadlines (the call is cancelled on both sides when it passes) ...
-        v1 = [stub.Predict.future(spin(0), timeout=0.3) for _ in range(5)]
+        v1 = [b.stub.Predict.future(spin(0), timeout=0.3) for _ in range(5)]
         # ... and V2's timeout parameter, enforced by the daemon alone when the call's turn comes.
-        infer = channel.unary_unary(
+        infer = b.channel.unary_unary(
             MODEL_INFER,
             request_serializer=service_pb2.ModelInferRequest.SerializeToString,
             response_deserializer=service_pb2.ModelInferResponse.FromString,
@@ -116,12 +130,12 @@ def test_expired_calls_are_dropped_without_running(
             message.inputs.add(name="x", datatype="FP32", shape=[1, 1])
             message.raw_input_contents.append(np.zeros((1, 1), np.float32).tobytes())
             v2.append(infer.future(message, timeout=120))
-        assert wait_for(lambda: queue_state(client)[0] == 5)  # the V2 calls wait their turn
-        v1_codes = Counter(outcome(f).name for f in v1)
-        assert not blocker.done()
-        assert outcome(blocker) == grpc.StatusCode.OK
-        v2_codes = Counter(outcome(f).name for f in v2)
-        ran = count(client) - before - 1
+        assert wait_for(lambda: queue_state(b.client)[0] == 5)  # the V2 calls wait their turn
+        v1_codes = Counter(code_of_future(f).name for f in v1)
+        assert not b.blocker.done()
+        assert code_of_future(b.blocker) == grpc.StatusCode.OK
+        v2_codes = Counter(code_of_future(f).name for f in v2)
+        ran = b.passes_since()
     figure(
         "overload.deadlines",
         expired_grpc_deadline=dict(v1_codes),
@@ -138,20 +152,15 @@ def test_cancelled_calls_and_closed_streams_free_their_slots(
 ) -> None:
     """Cancelling queued calls or closing a stream frees its queue slots; those calls never run."""
     daemon = counter_daemon(start_daemon, tmp_path, queue=2)
-    with daemon.client(timeout=60) as client, grpc.insecure_channel(daemon.address) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        before = count(client)
-        blocker = stub.Predict.future(spin(BLOCK_ROUNDS), timeout=120)
-        assert wait_for(lambda: queue_state(client) == (0, 1))
-
-        queued = [stub.Predict.future(spin(0), timeout=120) for _ in range(2)]
-        assert wait_for(lambda: queue_state(client)[0] == 2)
-        assert outcome(stub.Predict.future(spin(0), timeout=30)) == (
+    with busy(daemon) as b:
+        queued = [b.stub.Predict.future(spin(0), timeout=120) for _ in range(2)]
+        assert wait_for(lambda: queue_state(b.client)[0] == 2)
+        assert code_of_future(b.stub.Predict.future(spin(0), timeout=30)) == (
             grpc.StatusCode.RESOURCE_EXHAUSTED
         )
         for future in queued:
             future.cancel()
-        assert wait_for(lambda: queue_state(client)[0] == 0)
+        assert wait_for(lambda: queue_state(b.client)[0] == 0)
 
         release = threading.Event()
 
@@ -160,20 +169,20 @@ def test_cancelled_calls_and_closed_streams_free_their_slots(
             yield spin(0).SerializeToString()
             release.wait(60)
 
-        stream = raw_stream(channel, "/edgeinfer.v1.Inference/PredictStream")(
+        stream = raw_stream(b.channel, "/edgeinfer.v1.Inference/PredictStream")(
             messages(), timeout=120
         )
-        assert wait_for(lambda: queue_state(client)[0] == 2)
+        assert wait_for(lambda: queue_state(b.client)[0] == 2)
         stream.cancel()
         release.set()
-        assert wait_for(lambda: queue_state(client)[0] == 0)
+        assert wait_for(lambda: queue_state(b.client)[0] == 0)
 
-        admitted = [stub.Predict.future(spin(0), timeout=120) for _ in range(2)]
-        assert wait_for(lambda: queue_state(client)[0] == 2)
-        refused = outcome(stub.Predict.future(spin(0), timeout=30))
-        assert not blocker.done()
-        codes = [outcome(f).name for f in (blocker, *admitted)]
-        ran = count(client) - before - 1
+        admitted = [b.stub.Predict.future(spin(0), timeout=120) for _ in range(2)]
+        assert wait_for(lambda: queue_state(b.client)[0] == 2)
+        refused = code_of_future(b.stub.Predict.future(spin(0), timeout=30))
+        assert not b.blocker.done()
+        codes = [code_of_future(f).name for f in (b.blocker, *admitted)]
+        ran = b.passes_since()
     figure("overload.freed_slots", cancelled=2, stream_messages_closed=2, model_ran=ran)
     assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED  # the limit still holds
     assert codes == ["OK", "OK", "OK"]
