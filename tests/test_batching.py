@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 import edgeinfer
-from edgeinfer.client import ModelStats
 from tests import models
 from tests.conftest import Daemon, StartDaemon
 
@@ -49,10 +48,11 @@ def call_together(daemon: Daemon, inputs: list[np.ndarray]) -> None:
         np.testing.assert_allclose(y, reference(x), rtol=1e-5, atol=1e-6)
 
 
-def served(daemon: Daemon) -> ModelStats:
+def forward_passes(daemon: Daemon, model: str = "mlp") -> tuple[int, int]:
+    """(forward passes, rows in them) of ``model`` so far, from the daemon's own counters."""
     with daemon.client(timeout=10) as client:
-        (stats,) = [m for m in client.get_stats().models if m.model == "mlp"]
-        return stats
+        (stats,) = [m for m in client.get_stats().models if m.model == model]
+        return stats.batches, stats.batched_rows
 
 
 def test_a_full_batch_runs_at_once_without_waiting_out_the_delay(
@@ -63,8 +63,7 @@ def test_a_full_batch_runs_at_once_without_waiting_out_the_delay(
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal((1, 16), dtype=np.float32) for _ in range(4)]
     call_together(daemon, inputs)
-    stats = served(daemon)
-    assert (stats.batches, stats.batched_rows) == (1, 4)
+    assert forward_passes(daemon) == (1, 4)
 
 
 def test_a_preferred_batch_size_runs_at_once(start_daemon: StartDaemon, tmp_path: Path) -> None:
@@ -76,16 +75,14 @@ def test_a_preferred_batch_size_runs_at_once(start_daemon: StartDaemon, tmp_path
     )
     x = np.ones((1, 16), dtype=np.float32)
     call_together(daemon, [x, 2 * x])
-    stats = served(daemon)
-    assert (stats.batches, stats.batched_rows) == (1, 2)
+    assert forward_passes(daemon) == (1, 2)
 
 
 def test_a_lone_call_runs_when_its_delay_ends(start_daemon: StartDaemon, tmp_path: Path) -> None:
     """A call that no other joins runs alone once max_queue_delay_us has passed."""
     daemon = mlp_daemon(start_daemon, tmp_path, f"max_queue_delay_us = 200000\n{FIXED}")
     call_together(daemon, [np.ones((2, 16), dtype=np.float32)])
-    stats = served(daemon)
-    assert (stats.batches, stats.batched_rows) == (1, 2)
+    assert forward_passes(daemon) == (1, 2)
 
 
 def test_calls_that_would_overfill_a_batch_run_in_the_next(
@@ -96,8 +93,7 @@ def test_calls_that_would_overfill_a_batch_run_in_the_next(
     rng = np.random.default_rng(1)
     inputs = [rng.standard_normal((2, 16), dtype=np.float32) for _ in range(3)]
     call_together(daemon, inputs)
-    stats = served(daemon)
-    assert (stats.batches, stats.batched_rows) == (2, 6)
+    assert forward_passes(daemon) == (2, 6)
 
 
 def test_adaptive_delay_makes_a_lone_caller_wait_for_no_one(
@@ -113,8 +109,7 @@ def test_adaptive_delay_makes_a_lone_caller_wait_for_no_one(
             np.testing.assert_allclose(
                 client.predict("mlp", {"x": x})["y"], reference(x), rtol=1e-5, atol=1e-6
             )
-    stats = served(daemon)
-    assert (stats.batches, stats.batched_rows) == (5, 5)
+    assert forward_passes(daemon) == (5, 5)
 
 
 ADAPTIVE_SLOW_CONFIG = models.scalar_config(
@@ -146,6 +141,4 @@ def test_adaptive_delay_waits_once_calls_have_shared_a_pass(
             await asyncio.gather(first, client.predict("slow", rounds(1)))
 
     asyncio.run(main())
-    with daemon.client(timeout=10) as client:
-        (stats,) = [m for m in client.get_stats().models if m.model == "slow"]
-    assert (stats.batches, stats.batched_rows) == (3, 5)
+    assert forward_passes(daemon, "slow") == (3, 5)
