@@ -55,13 +55,14 @@ class Echo(inference_pb2_grpc.InferenceServicer):  # type: ignore[misc]
         inputs: list[tuple[str, str, tuple[int, ...]]],
         outputs: list[tuple[str, str, tuple[int, ...]]],
         max_batch_size: int,
+        hop: ThreadHop | None = None,
     ) -> None:
         self.model = model
         self.inputs = inputs
         self.outputs = outputs
         self.max_batch_size = max_batch_size
         self._zeros: dict[tuple[int, int], bytes] = {}
-        self._hop: ThreadHop | None = None
+        self._hop = hop
 
     def _output_tensors(self, rows: int) -> list[tensor_pb2.Tensor]:
         tensors = []
@@ -159,9 +160,8 @@ async def serve(args: argparse.Namespace) -> None:
         options.append((key, int(value) if value.lstrip("-").isdigit() else value))
     interceptors = [NoopInterceptor()] if args.noop_interceptor else []
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    echo = Echo(args.model, args.input, args.output, args.max_batch_size)
-    if args.thread_hop:
-        echo._hop = ThreadHop()
+    hop = ThreadHop() if args.thread_hop else None
+    echo = Echo(args.model, args.input, args.output, args.max_batch_size, hop)
     inference_pb2_grpc.add_InferenceServicer_to_server(echo, server)
     health = grpc.unary_unary_rpc_method_handler(
         _health,
