@@ -15,7 +15,7 @@ import torch
 
 import edgeinfer
 from edgeinferd.generation.chat import Message
-from edgeinferd.generation.model import load_language_model
+from edgeinferd.generation.model import LanguageModel, load_language_model
 from tests import llm
 from tests.conftest import Daemon
 
@@ -41,11 +41,11 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def fp32_model(llm_repo: Path):  # type: ignore[no-untyped-def]
+def fp32_model(llm_repo: Path) -> LanguageModel:
     return load_language_model(llm_repo / llm.FP32 / "1")
 
 
-def test_tokenizer_equals_transformers_on_every_kind_of_text(fp32_model) -> None:  # type: ignore[no-untyped-def]
+def test_tokenizer_equals_transformers_on_every_kind_of_text(fp32_model: LanguageModel) -> None:
     _, reference = llm.reference()
     for text in TEXTS:
         ours = fp32_model.tokenizer.encode(text)
@@ -55,7 +55,7 @@ def test_tokenizer_equals_transformers_on_every_kind_of_text(fp32_model) -> None
             assert fp32_model.tokenizer.decode(ours) == text
 
 
-def test_digits_are_split_one_by_one_as_smollm2_was_trained(fp32_model) -> None:  # type: ignore[no-untyped-def]
+def test_digits_are_split_one_by_one_as_smollm2_was_trained(fp32_model: LanguageModel) -> None:
     """The reference here is transformers' vocabulary and merges with SmolLM2's own
     pre-tokenizer (Digits(individual_digits=True) then ByteLevel, from its tokenizer.json)."""
     from tokenizers import pre_tokenizers
@@ -80,7 +80,7 @@ def test_digits_are_split_one_by_one_as_smollm2_was_trained(fp32_model) -> None:
         backend.pre_tokenizer = saved
 
 
-def test_chat_template_renders_what_apply_chat_template_renders(fp32_model) -> None:  # type: ignore[no-untyped-def]
+def test_chat_template_renders_what_apply_chat_template_renders(fp32_model: LanguageModel) -> None:
     _, reference = llm.reference()
     conversations = [
         [{"role": "user", "content": llm.QUESTION}],
@@ -99,7 +99,7 @@ def test_chat_template_renders_what_apply_chat_template_renders(fp32_model) -> N
         assert ours == expected
 
 
-def test_fp32_logits_equal_transformers(fp32_model) -> None:  # type: ignore[no-untyped-def]
+def test_fp32_logits_equal_transformers(fp32_model: LanguageModel) -> None:
     model, tokenizer = llm.reference()
     ids = tokenizer(
         PROMPTS[2] + " there lived an old clockmaker", add_special_tokens=False
