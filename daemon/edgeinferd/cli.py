@@ -25,7 +25,6 @@ from edgeinferd import journal
 from edgeinferd.config import DaemonConfig, load_config, with_overrides
 from edgeinferd.errors import EdgeInferError
 from edgeinferd.logs import configure_logging
-from edgeinferd.server import Server
 from edgeinferd.systemd import SystemdNotifier
 
 log = structlog.get_logger("edgeinferd")
@@ -80,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(config, read_config))
     except EdgeInferError as error:
         log.error("cannot start", reason=str(error))
-        _fatal(str(error))
+        if not journal.stderr_is_journal():  # there, the entry above is the one line
+            _fatal(str(error))
         return EXIT_STARTUP_FAILED
 
 
@@ -94,6 +94,10 @@ async def serve(config: DaemonConfig, reread: Callable[[], DaemonConfig] | None 
     """Run until SIGTERM/SIGINT; a second signal exits at once; SIGHUP reloads."""
     # Unset NOTIFY_SOCKET & co. so that no child process talks to systemd for us.
     notifier = SystemdNotifier.from_environment(unset_environment=True)
+    # Imported here, not at the top: it brings in torch (seconds on a small
+    # device), and a config error should fail at once.
+    from edgeinferd.server import Server
+
     server = Server(config, notifier, reread)
     loop = asyncio.get_running_loop()
     stopping = False
