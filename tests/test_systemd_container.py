@@ -43,9 +43,9 @@ REPOSITORY = "/var/lib/edgeinfer/models"
 DROP_IN = "/etc/systemd/system/edgeinferd.service.d/test.conf"
 VENV_PYTHON = "/opt/edgeinfer/venv/bin/python"
 MODELS = ["conv", "conv-int8", "mlp", "picky", "slow"]
-# Rounds of the slow model: a call long enough to be in flight while systemd stops the
-# daemon, short enough for the unit's grace period.
-SLOW_ROUNDS = 3000
+# Rounds of the slow model: a call that is still running when systemd stops the daemon
+# (the test checks that it was), and well within the grace period it sets.
+SLOW_ROUNDS = 1500
 
 
 class Conv(nn.Module):
@@ -518,20 +518,26 @@ def test_watchdog_restarts_a_stopped_daemon(machine: Machine) -> None:
 
 
 def test_stop_lets_calls_in_flight_finish_and_removes_the_socket(machine: Machine) -> None:
-    """`systemctl stop` with two slow calls in flight: both answer, the daemon exits 0 and
-    its socket is gone (with RuntimeDirectoryPreserve=yes in a drop-in, so that systemd's
-    own clean-up of /run/edgeinfer cannot hide a socket the daemon process left behind)."""
+    """`systemctl stop` with two slow calls in flight: both answer after the daemon began
+    shutting down, the daemon exits 0 and its socket is gone (with
+    RuntimeDirectoryPreserve=yes in a drop-in, so that systemd's own clean-up of
+    /run/edgeinfer cannot hide a socket the daemon process left behind). The grace period
+    is raised to 25 s through a reload, so a slow machine cannot outlast it."""
     machine.ensure_running()
+    config = machine.container.path(CONFIG)
+    config.write_text(machine.default_config.replace("grace_period_s = 10", "grace_period_s = 25"))
+    machine.systemctl("reload", UNIT)
     machine.drop_in("[Service]\nRuntimeDirectoryPreserve=yes\n")
-    answers: list[object] = []
+    answers: list[tuple[int, object]] = []
     x = np.full((1, 1), SLOW_ROUNDS, np.float32)
     with machine.client() as client:
 
         def call() -> None:
             try:
-                answers.append(client.predict("slow", {"x": x}, timeout=60)["y"])
+                y: object = client.predict("slow", {"x": x}, timeout=60)["y"]
             except edgeinfer.EdgeInferError as error:
-                answers.append(error)
+                y = error
+            answers.append((time.monotonic_ns() // 1000, y))
 
         callers = [threading.Thread(target=call) for _ in range(2)]
         for thread in callers:
@@ -548,12 +554,17 @@ def test_stop_lets_calls_in_flight_finish_and_removes_the_socket(machine: Machin
             state = machine.show("ActiveState", "Result", "ExecMainStatus")
             socket_left = machine.container.path(SOCKET).exists()
         finally:
+            config.write_text(machine.default_config)
             machine.drop_in(None)
-    assert [np.asarray(a).tolist() for a in answers] == [[[SLOW_ROUNDS]]] * 2, answers
+    assert [np.asarray(y).tolist() for _, y in answers] == [[[SLOW_ROUNDS]]] * 2, answers
     assert state == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
     assert not socket_left
-    said = [e["MESSAGE"] for e in machine.daemon_entries(f"_SYSTEMD_INVOCATION_ID={invocation}")]
-    assert said[-1] == "stopped", said[-5:]
+    entries = machine.daemon_entries(f"_SYSTEMD_INVOCATION_ID={invocation}")
+    (shutdown,) = [e for e in entries if e.get("SIGNAL") == "SIGTERM"]
+    assert shutdown["GRACE_S"] == "25.0"
+    # Both calls were still running when the daemon began to shut down (same clock).
+    assert all(ended > int(shutdown["__MONOTONIC_TIMESTAMP"]) for ended, _ in answers)
+    assert entries[-1]["MESSAGE"] == "stopped", [e["MESSAGE"] for e in entries[-5:]]
 
 
 def test_bad_config_fails_the_start_once_with_one_line(machine: Machine) -> None:
