@@ -204,3 +204,26 @@ def test_default_config_is_accepted_by_the_daemon() -> None:
     assert config.listen.tcp is None
     assert config.metrics_listen is None
     assert config.grace_period_s < 30  # the unit's TimeoutStopSec
+
+
+def test_offline_install_plan_uses_only_the_wheelhouse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--wheelhouse installs with pip --no-index from that folder, skips pip's compile-all
+    and writes the bytecode of what the daemon imports instead (the service cannot)."""
+    wheelhouse = tmp_path / "wheels"
+    wheelhouse.mkdir()
+    root = tmp_path / "root"
+    argv = ["install", "--root", str(root), "--source", str(REPO), "--dry-run"]
+    assert main([*argv, "--wheelhouse", str(wheelhouse)]) == 0
+    out = capsys.readouterr().out
+    venv_python = f"{root}/opt/edgeinfer/venv/bin/python"
+    assert (
+        f"run      {venv_python} -m pip install --upgrade --no-compile --no-index "
+        f"--find-links {wheelhouse} {REPO}[daemon]"
+    ) in out
+    assert f"run      {venv_python} -c import edgeinferd.cli, edgeinferd.server" in out
+    assert not root.exists()
+    with pytest.raises(SystemExit):
+        main([*argv, "--wheelhouse", str(tmp_path / "missing")])
+    assert "--wheelhouse" in capsys.readouterr().err

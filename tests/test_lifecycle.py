@@ -117,11 +117,12 @@ def test_reload_that_fails_keeps_the_old_version(start_daemon: StartDaemon, tmp_
 
 
 def test_bad_config_exits_non_zero_with_one_line(tmp_path: Path) -> None:
-    """A config error exits 1 with one line naming the file and field."""
+    """A config error exits 78 (EX_CONFIG, not retried by the unit) with one line naming the
+    file and field."""
     config = tmp_path / "edgeinferd.toml"
     config.write_text('[listen]\nunix_mode = "rwx"\n')
     result = run_daemon("--config", str(config))
-    assert result.returncode == 1
+    assert result.returncode == 78
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "edgeinferd.toml: listen.unix_mode: expected an octal string" in lines[0]

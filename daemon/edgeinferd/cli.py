@@ -16,19 +16,24 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
 
+from edgeinferd import journal
 from edgeinferd.config import DaemonConfig, load_config, with_overrides
 from edgeinferd.errors import EdgeInferError
 from edgeinferd.logs import configure_logging
-from edgeinferd.server import Server
 from edgeinferd.systemd import SystemdNotifier
 
 log = structlog.get_logger("edgeinferd")
 
 EXIT_STARTUP_FAILED = 1
+#: sysexits.h EX_CONFIG: the unit's RestartPreventExitStatus= does not retry a
+#: configuration that cannot work until someone edits it.
+EXIT_CONFIG = 78
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,24 +69,42 @@ def main(argv: list[str] | None = None) -> int:
         return install_main(argv)
 
     args = build_parser().parse_args(argv)
-    try:
+
+    def read_config() -> DaemonConfig:
+        """The file with the command line on top, at start and on every reload."""
         config = with_overrides(load_config(args.config), args.repository, args.unix, args.tcp)
-    except EdgeInferError as error:
-        print(f"edgeinferd: {error}", file=sys.stderr)
-        return EXIT_STARTUP_FAILED
-    configure_logging(args.log_level or config.log_level, config.log_format)
+        return replace(config, log_level=args.log_level) if args.log_level else config
+
     try:
-        return asyncio.run(serve(config))
+        config = read_config()
+    except EdgeInferError as error:
+        _fatal(str(error))
+        return EXIT_CONFIG
+    configure_logging(config.log_level, config.log_format)
+    try:
+        return asyncio.run(serve(config, read_config))
     except EdgeInferError as error:
         log.error("cannot start", reason=str(error))
-        print(f"edgeinferd: {error}", file=sys.stderr)
+        if not journal.stderr_is_journal():  # there, the entry above is the one line
+            _fatal(str(error))
         return EXIT_STARTUP_FAILED
 
 
-async def serve(config: DaemonConfig) -> int:
-    """Run until SIGTERM/SIGINT; a second signal exits at once."""
+def _fatal(message: str) -> None:
+    """One line on stderr; under systemd at priority err, so ``journalctl -p err`` shows it."""
+    prefix = "<3>" if journal.stderr_is_journal() else ""
+    print(f"{prefix}edgeinferd: {message}", file=sys.stderr)
+
+
+async def serve(config: DaemonConfig, reread: Callable[[], DaemonConfig] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; a second signal exits at once; SIGHUP reloads."""
     # Unset NOTIFY_SOCKET & co. so that no child process talks to systemd for us.
-    server = Server(config, SystemdNotifier.from_environment(unset_environment=True))
+    notifier = SystemdNotifier.from_environment(unset_environment=True)
+    # Imported here, not at the top: it brings in torch (seconds on a small
+    # device), and a config error should fail at once.
+    from edgeinferd.server import Server
+
+    server = Server(config, notifier, reread)
     loop = asyncio.get_running_loop()
     stopping = False
 
@@ -91,7 +114,8 @@ async def serve(config: DaemonConfig) -> int:
             log.warning("second signal; exiting now", signal=signal.Signals(signum).name)
             os._exit(128 + signum)
         stopping = True
-        log.info("shutting down", signal=signal.Signals(signum).name, grace_s=config.grace_period_s)
+        grace = server.config.grace_period_s  # as the last reload left it
+        log.info("shutting down", signal=signal.Signals(signum).name, grace_s=grace)
         server.close()
 
     def on_reload_signal() -> None:

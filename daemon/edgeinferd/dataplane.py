@@ -154,6 +154,7 @@ class DataPlane:
                     model=request.model,
                     version=loaded.version,
                     request_id=request.id,
+                    duration_ms=round(elapsed * 1000, 3),
                     error=str(error),
                     cause=repr(error.__cause__) if error.__cause__ else None,
                 )

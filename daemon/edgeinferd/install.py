@@ -248,10 +248,21 @@ class Installer:
         if args.no_pip:
             return
         requirement = f"{args.wheel or args.source}[daemon]"
+        # The service cannot write bytecode next to the sources (ProtectSystem=
+        # strict), so it must be there before the first start; compiling all of
+        # torch takes minutes on a small device, while importing the daemon once
+        # writes exactly the modules it loads.
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--upgrade", "--no-compile"]
+        if args.wheelhouse is not None:
+            pip += ["--no-index", "--find-links", str(args.wheelhouse)]
+            detail = f"the daemon and its dependencies, offline from {args.wheelhouse}"
+        else:
+            detail = "the daemon and its dependencies"
+        self.command(plan, [*pip, requirement], detail)
         self.command(
             plan,
-            [str(venv / "bin" / "python"), "-m", "pip", "install", "--upgrade", requirement],
-            "the daemon and its dependencies",
+            [str(venv / "bin" / "python"), "-c", "import edgeinferd.cli, edgeinferd.server"],
+            "write the bytecode of the modules the daemon loads (the service cannot)",
         )
 
     def _create_account(self, plan: Plan) -> None:
@@ -350,6 +361,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     install.add_argument("--wheel", type=Path, help="install this wheel into the venv instead")
     install.add_argument(
+        "--wheelhouse",
+        type=Path,
+        help="install offline: every dependency comes from the wheels in this folder",
+    )
+    install.add_argument(
         "--examples", type=Path, help="folder copied as the model repository if none exists"
     )
     install.add_argument("--python", default=sys.executable, help="interpreter for the venv")
@@ -384,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.source = args.source.resolve()
         if args.examples is not None and not args.examples.is_dir():
             parser.error(f"--examples {args.examples}: not a folder")
+        if args.wheelhouse is not None and not args.wheelhouse.is_dir():
+            parser.error(f"--wheelhouse {args.wheelhouse}: not a folder")
     if root is None and not args.dry_run and os.geteuid() != 0:
         parser.error("installing into the system needs root; use --root DIR to stage, or --dry-run")
 

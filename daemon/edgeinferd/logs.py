@@ -22,9 +22,30 @@ _LEVELS = {
 }
 
 
+class _LevelFilteringLogger(structlog.make_filtering_bound_logger(logging.DEBUG)):  # type: ignore[misc]
+    """structlog's filtering logger, whose level :func:`set_level` can change later.
+
+    structlog's filtering loggers drop a call below their level in one
+    ``return None``, but their level is fixed when the class is made, and
+    each logger caches its instance on first use. Every cached instance is
+    of this one class, so copying the level methods of another filtering
+    class onto it changes the level everywhere at once, and the hot path
+    still pays nothing more than before.
+    """
+
+
+def set_level(level: str) -> None:
+    """Change the level of every logger, including those already used (on reload)."""
+    source = structlog.make_filtering_bound_logger(_LEVELS[level])
+    for name, value in vars(source).items():
+        if not name.startswith("__"):
+            setattr(_LevelFilteringLogger, name, value)
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Configure structlog once for the process (the daemon's entry point calls this)."""
     stream = stream or sys.stderr
+    set_level(level)
     console = fmt == "console" or (fmt == "auto" and stream.isatty())
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -35,7 +56,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         # REQUEST_ID=, DURATION_MS= fields (journalctl -u edgeinferd MODEL=x).
         structlog.configure(
             processors=[*processors, journal.JournalRenderer()],
-            wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+            wrapper_class=_LevelFilteringLogger,
             logger_factory=journal.JournalLoggerFactory(),
             cache_logger_on_first_use=True,
         )
@@ -50,7 +71,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         ]
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        wrapper_class=_LevelFilteringLogger,
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )

@@ -14,6 +14,7 @@ import grp
 import os
 import socket
 import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,10 +26,12 @@ from grpc_reflection.v1alpha import reflection
 from edgeinferd.config import DaemonConfig
 from edgeinferd.dataplane import DataPlane
 from edgeinferd.errors import EdgeInferError
+from edgeinferd.logs import set_level
 from edgeinferd.metrics import start_metrics_server
 from edgeinferd.models import ModelEntry, ModelManager, ModelState
 from edgeinferd.protocol import add_services
 from edgeinferd.protocol.malformed import RefuseMalformed
+from edgeinferd.reconfigure import reconfigure
 from edgeinferd.repository import Repository
 from edgeinferd.systemd import SystemdNotifier
 
@@ -40,8 +43,15 @@ class StartupError(EdgeInferError):
 
 
 class Server:
-    def __init__(self, config: DaemonConfig, notifier: SystemdNotifier | None = None) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        notifier: SystemdNotifier | None = None,
+        reread: Callable[[], DaemonConfig] | None = None,
+    ) -> None:
         self.config = config
+        #: Reads the configuration again on reload (the CLI's file and overrides).
+        self._reread = reread
         #: Tells systemd when the daemon is ready, reloading or stopping (no-op outside it).
         self.notifier = notifier or SystemdNotifier(None)
         self._ready = False
@@ -189,15 +199,37 @@ class Server:
             self._closed.set()
 
     async def reload(self) -> None:
-        """Re-read the repository (SIGHUP); calls in flight are not failed."""
+        """Re-read the config file and the repository (SIGHUP); calls in flight are not failed."""
         self.notifier.reloading()
         self._ready = False
         try:
+            self._reload_config()
             await self.models.reload()
         finally:
             self._ready = True
             self.notifier.ready(self.status_line())
         log.info("reloaded", status=self.status_line())
+
+    def _reload_config(self) -> None:
+        """Apply what a reload may change; name what still needs a restart."""
+        if self._reread is None:
+            return
+        try:
+            on_disk = self._reread()
+        except EdgeInferError as error:
+            log.error("config not reloaded; the running one stays", reason=str(error))
+            return
+        change = reconfigure(self.config, on_disk)
+        self.config = change.config
+        set_level(self.config.log_level)
+        self.dataplane.management = self.config.management
+        for key, (old, new) in change.applied.items():
+            log.info("config reloaded", setting=key, old=old, new=new)
+        if change.needs_restart:
+            log.warning(
+                "config changes need a restart; the running values stay",
+                settings=",".join(change.needs_restart),
+            )
 
     def _model_changed(self, entry: ModelEntry) -> None:
         if self._ready:
