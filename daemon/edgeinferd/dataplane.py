@@ -23,6 +23,7 @@ from edgeinferd.generation import params as generation_params
 from edgeinferd.generation.sequence import GenerationEvent
 from edgeinferd.metrics import Metrics
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelManager
+from edgeinferd.peers import PeerTokens
 from edgeinferd.repository import ModelConfig, check_model_name
 from edgeinferd.shm import SharedMemoryRegistry
 
@@ -86,6 +87,9 @@ class Caller:
     """What the data plane may know about who is calling."""
 
     via_unix_socket: bool = True
+    #: The kernel-attested uid of a Unix-socket caller that presented its peer token
+    #: (``edgeinferd.peers``); None for TCP callers and callers without a token.
+    uid: int | None = None
 
 
 class DataPlane:
@@ -94,6 +98,8 @@ class DataPlane:
         self.management = management
         #: Regions callers registered for tensors in shared memory (every protocol uses these).
         self.shared_memory = SharedMemoryRegistry()
+        #: Tokens that stand for the uids of Unix-socket callers (they own regions).
+        self.peers = PeerTokens()
         self.metrics = Metrics()
         #: Set when a graceful stop begins: live, but no longer ready for new work.
         self.draining = False

@@ -27,12 +27,17 @@ from edgeinferd.dataplane import DataPlane
 from edgeinferd.errors import EdgeInferError
 from edgeinferd.metrics import start_metrics_server
 from edgeinferd.models import ModelEntry, ModelManager, ModelState
+from edgeinferd.peers import CredentialsServer, credentials_path
 from edgeinferd.protocol import add_services
-from edgeinferd.protocol.malformed import RefuseMalformed
+from edgeinferd.protocol.boundary import ErrorBoundary
 from edgeinferd.repository import Repository
 from edgeinferd.systemd import SystemdNotifier
 
 log = structlog.get_logger("edgeinferd.server")
+
+
+#: HTTP/2 streams one connection may have open at once.
+MAX_CONCURRENT_STREAMS = 64
 
 
 class StartupError(EdgeInferError):
@@ -56,6 +61,7 @@ class Server:
         self._server: grpc.aio.Server | None = None
         self._closed = asyncio.Event()
         self._closing: asyncio.Task[None] | None = None
+        self.credentials = CredentialsServer(self.dataplane.peers)
 
     @property
     def addresses(self) -> list[str]:
@@ -84,8 +90,11 @@ class Server:
             ("grpc.max_receive_message_length", listen.max_message_bytes),
             ("grpc.max_send_message_length", listen.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # With the per-stream byte bound (protocol.streams), this bounds what one
+            # connection can hold in flight through streams.
+            ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
         ]
-        server = grpc.aio.server(options=options, interceptors=[RefuseMalformed()])
+        server = grpc.aio.server(options=options, interceptors=[ErrorBoundary()])
         service_names = add_services(server, self.dataplane)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         service_names += [
@@ -99,6 +108,9 @@ class Server:
 
         if listen.unix is not None:
             self._bind_unix(server, listen.unix)
+            await self.credentials.start(
+                credentials_path(listen.unix), listen.unix_mode, self._unix_gid()
+            )
         if listen.tcp is not None:
             self.tcp_port = self._bind_tcp(server, listen.tcp)
         if self.config.metrics_listen is not None:
@@ -133,12 +145,23 @@ class Server:
         finally:
             os.umask(old_umask)
         os.chmod(path, self.config.listen.unix_mode)
-        group = self.config.listen.unix_group
-        if group is not None:
+        gid = self._unix_gid()
+        if gid is not None:
             try:
-                os.chown(path, -1, grp.getgrnam(group).gr_gid)
-            except (KeyError, PermissionError) as error:
-                raise StartupError(f"cannot give {path} to group {group!r}: {error}") from None
+                os.chown(path, -1, gid)
+            except PermissionError as error:
+                raise StartupError(f"cannot give {path} to its group: {error}") from None
+
+    def _unix_gid(self) -> int | None:
+        group = self.config.listen.unix_group
+        if group is None:
+            return None
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartupError(
+                f"cannot give the socket to group {group!r}: no such group"
+            ) from None
 
     def _bind_tcp(self, server: grpc.aio.Server, address: str) -> int:
         tls = self.config.listen.tls
@@ -180,6 +203,8 @@ class Server:
                 await self._server.stop(grace)
             await self.models.close()
         finally:
+            await self.credentials.close()
+            self.dataplane.shared_memory.clear()
             if self._watchdog is not None:
                 self._watchdog.cancel()
             self.executor.shutdown(wait=False, cancel_futures=True)

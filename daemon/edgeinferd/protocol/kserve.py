@@ -42,7 +42,7 @@ from edgeinferd.dataplane import (
 from edgeinferd.errors import EdgeInferError, InvalidInput
 from edgeinferd.metrics import Metrics
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelState
-from edgeinferd.protocol.status import abort_with, status_for
+from edgeinferd.protocol.status import status_for
 from edgeinferd.protocol.streams import answer_in_order
 from edgeinferd.protocol.v1 import caller_of
 from edgeinferd.repository import ModelConfig
@@ -405,44 +405,32 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        try:
-            return model_metadata(self.dataplane.serving(request.name, request.version))
-        except Exception as error:
-            await abort_with(context, error)
+        return model_metadata(self.dataplane.serving(request.name, request.version))
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
-        try:
-            loaded = self.dataplane.serving(request.name, request.version)
-            return pb.ModelConfigResponse(config=model_config(loaded))
-        except Exception as error:
-            await abort_with(context, error)
+        loaded = self.dataplane.serving(request.name, request.version)
+        return pb.ModelConfigResponse(config=model_config(loaded))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        try:
-            if request.name:
-                loaded = [self.dataplane.serving(request.name, request.version)]
-            else:
-                entries = self.dataplane.list_models()
-                loaded = [e.serving for e in entries if e.serving is not None]
-            return pb.ModelStatisticsResponse(
-                model_stats=[model_statistics(v, self.dataplane.metrics) for v in loaded]
-            )
-        except Exception as error:
-            await abort_with(context, error)
+        if request.name:
+            loaded = [self.dataplane.serving(request.name, request.version)]
+        else:
+            entries = self.dataplane.list_models()
+            loaded = [e.serving for e in entries if e.serving is not None]
+        return pb.ModelStatisticsResponse(
+            model_stats=[model_statistics(v, self.dataplane.metrics) for v in loaded]
+        )
 
     # -- inference -------------------------------------------------------------
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
-        try:
-            return await self._respond(request, context.time_remaining())
-        except Exception as error:
-            await abort_with(context, error, request.id)
+        return await self._respond(request, context.time_remaining())
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -477,6 +465,7 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             start=lambda message: asyncio.ensure_future(one(message)),
             finish=lambda task: task,
             abandon=cancel,
+            size=lambda message: message.ByteSize(),
         ):
             yield answer
 
@@ -493,26 +482,24 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        try:
-            for key in request.parameters:
-                if key in LOAD_OVERRIDE_PARAMETERS or key.startswith("file:"):
-                    raise InvalidInput(
-                        f"load parameter {key!r} is not supported: edgeinferd loads what is in"
-                        " the model repository (its config.toml and version folders) only"
-                    )
-            await self.dataplane.load_model(request.model_name, caller_of(context))
-            return pb.RepositoryModelLoadResponse()
-        except Exception as error:
-            await abort_with(context, error)
+        for key in request.parameters:
+            if key in LOAD_OVERRIDE_PARAMETERS or key.startswith("file:"):
+                raise InvalidInput(
+                    f"load parameter {key!r} is not supported: edgeinferd loads what is in"
+                    " the model repository (its config.toml and version folders) only"
+                )
+        await self.dataplane.load_model(
+            request.model_name, caller_of(context, self.dataplane.peers)
+        )
+        return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        try:
-            await self.dataplane.unload_model(request.model_name, caller_of(context))
-            return pb.RepositoryModelUnloadResponse()
-        except Exception as error:
-            await abort_with(context, error)
+        await self.dataplane.unload_model(
+            request.model_name, caller_of(context, self.dataplane.peers)
+        )
+        return pb.RepositoryModelUnloadResponse()
 
     # -- not served ----------------------------------------------------------------
 

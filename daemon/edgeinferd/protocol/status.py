@@ -6,6 +6,7 @@ with the request id, logged with its traceback, never shown to the caller.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Never
 
 import grpc
@@ -47,9 +48,14 @@ def status_for(error: BaseException, request_id: str = "") -> tuple[grpc.StatusC
             if len(message) > MAX_MESSAGE_CHARS:
                 message = message[: MAX_MESSAGE_CHARS - 3] + "..."
             return code, message
-    log.exception("unexpected error", request_id=request_id, exc_info=error)
-    suffix = f" (request id {request_id!r})" if request_id else ""
-    return grpc.StatusCode.INTERNAL, f"internal error{suffix}; the daemon's log has the details"
+    # A call without an id of its own gets one, so that the caller's message and
+    # the log's traceback can be matched.
+    request_id = request_id or "edgeinferd-" + secrets.token_hex(6)
+    log.error("unexpected error", request_id=request_id[:128], exc_info=error)
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"internal error (request id {request_id[:128]!r}); the daemon's log has the details",
+    )
 
 
 async def abort_with(context: Any, error: BaseException, request_id: str = "") -> Never:
