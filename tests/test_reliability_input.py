@@ -48,6 +48,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 INTERNAL = grpc.StatusCode.INTERNAL
+PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 #: Requests per hypothesis example, sent at once on one channel (so they batch together).
 BATCH = 20
@@ -316,7 +317,7 @@ def shm_region(draw: st.DrawFn, case: Case, tensors: list[Tensor], req: dict) ->
     tensor = pick(draw, tensors)
     if tensor is not None:
         tensor.shm_region = draw(st.sampled_from(["nope", "r" * 300]))
-        case.note("unregistered shared-memory region")
+        case.note("shared-memory region without a peer token")
 
 
 def odd_id(draw: st.DrawFn, case: Case, tensors: list[Tensor], req: dict) -> None:
@@ -419,9 +420,13 @@ def mistakes(request: dict, tensors: list[Tensor], intended: str) -> set[grpc.St
     for tensor in tensors:
         itemsize = ITEMSIZE.get(tensor.dtype)
         shape = tensor.shape
+        if tensor.shm_region:
+            # These calls carry no peer token: shared memory is refused before the region
+            # is even looked up (the region tests are in test_shared_memory.py).
+            found.add(PERMISSION_DENIED)
+            continue
         if (
             itemsize is None
-            or tensor.shm_region
             or len(shape) > MAX_DIMS
             or min(shape, default=0) < 0
             or math.prod(shape) * itemsize != len(tensor.data)

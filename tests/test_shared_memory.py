@@ -230,7 +230,9 @@ def test_slice_outside_region_is_refused_by_the_daemon(daemon: Daemon) -> None:
         )
         try:
             request = inference_pb2.PredictRequest(model="mlp")
-            tensor = request.inputs.add(name="x", dtype=edgeinfer.tensors.dtype_code(np.dtype(np.float32)))
+            tensor = request.inputs.add(
+                name="x", dtype=edgeinfer.tensors.dtype_code(np.dtype(np.float32))
+            )
             tensor.shape.extend([32, 16])
             tensor.shared_memory.region = "small"
             tensor.shared_memory.byte_size = 32 * 16 * 4
@@ -431,7 +433,8 @@ def test_other_users_cannot_list_use_or_unregister_a_region(shared_daemon: Daemo
                 fake = SharedMemoryRegion({region.name!r}, {region.key!r}, 4096, None)
                 fake.registered = True
                 fake.write_inputs = lambda inputs, request: (request.inputs.add(
-                    name="x", dtype=edgeinfer.tensors.dtype_code(np.dtype(np.float32)), shape=[1, 16],
+                    name="x", dtype=edgeinfer.tensors.dtype_code(np.dtype("float32")),
+                    shape=[1, 16],
                     shared_memory={{"region": {region.name!r}, "byte_size": 64}}), 64)[1]
                 result["predict"] = code_of(lambda: client.predict(
                     "mlp", {{"x": np.ones((1, 16), np.float32)}}, shared_memory=fake))

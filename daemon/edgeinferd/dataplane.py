@@ -21,7 +21,7 @@ from edgeinferd.batching import QueuedCall
 from edgeinferd.errors import Cancelled, InvalidInput, ModelExecutionError, PermissionDenied
 from edgeinferd.generation import params as generation_params
 from edgeinferd.generation.sequence import GenerationEvent
-from edgeinferd.metrics import Metrics
+from edgeinferd.metrics import UNKNOWN_MODEL, Metrics
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelManager
 from edgeinferd.peers import PeerTokens
 from edgeinferd.repository import ModelConfig, check_model_name
@@ -128,6 +128,7 @@ class DataPlane:
         (after counting) for a call that cannot be queued.
         """
         started = time.perf_counter()
+        loaded: LoadedVersion | None = None
         try:
             loaded = self.models.serving(request.model, request.version)
             if loaded.engine is not None:
@@ -136,12 +137,26 @@ class DataPlane:
             wanted = select_outputs(loaded.config, request.outputs)
             queued = loaded.batcher.enqueue(arrays, request.deadline)
         except Exception as error:
-            self.metrics.record(
-                request.model, request.version, error, time.perf_counter() - started
-            )
+            model, version = self._counted_as(request, loaded)
+            self.metrics.record(model, version, error, time.perf_counter() - started)
             raise
         self.metrics.in_flight += 1
         return PendingInference(request, loaded, wanted, queued, started)
+
+    def _counted_as(
+        self, request: InferenceRequest, loaded: LoadedVersion | None
+    ) -> tuple[str, str]:
+        """The metrics key of a call that failed before it was queued.
+
+        Never the strings the caller sent: a model and version that serve, a
+        known model with no version (a wrong or missing one), or one bucket
+        for every unknown or invalid name. So callers cannot grow the stats.
+        """
+        if loaded is not None:
+            return loaded.config.name, loaded.version
+        if self.models.known(request.model):
+            return request.model, ""
+        return UNKNOWN_MODEL, ""
 
     def _finish(self, pending: PendingInference) -> InferenceResponse:
         """The answer to a started call whose future is done; raises its error."""

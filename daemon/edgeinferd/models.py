@@ -95,6 +95,10 @@ class ModelManager:
             self._entries.setdefault(name, ModelEntry(name, ModelState.UNLOADED))
         return [self._entries[name] for name in sorted(self._entries)]
 
+    def known(self, name: str) -> bool:
+        """Whether ``name`` is a model this manager has an entry for (never creates one)."""
+        return name in self._entries
+
     def entry(self, name: str) -> ModelEntry:
         check_model_name(name)
         entry = self._entries.get(name)

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from edgeinferd.config import DaemonConfig
 from edgeinferd.dataplane import DataPlane
 from edgeinferd.errors import EdgeInferError
-from edgeinferd.metrics import start_metrics_server
+from edgeinferd.metrics import MetricsEndpoint, start_metrics_server
 from edgeinferd.models import ModelEntry, ModelManager, ModelState
 from edgeinferd.peers import CredentialsServer, credentials_path
 from edgeinferd.protocol import add_services
@@ -34,10 +34,6 @@ from edgeinferd.repository import Repository
 from edgeinferd.systemd import SystemdNotifier
 
 log = structlog.get_logger("edgeinferd.server")
-
-
-#: HTTP/2 streams one connection may have open at once.
-MAX_CONCURRENT_STREAMS = 64
 
 
 class StartupError(EdgeInferError):
@@ -62,6 +58,7 @@ class Server:
         self._closed = asyncio.Event()
         self._closing: asyncio.Task[None] | None = None
         self.credentials = CredentialsServer(self.dataplane.peers)
+        self._metrics: MetricsEndpoint | None = None
 
     @property
     def addresses(self) -> list[str]:
@@ -90,9 +87,6 @@ class Server:
             ("grpc.max_receive_message_length", listen.max_message_bytes),
             ("grpc.max_send_message_length", listen.max_message_bytes),
             ("grpc.so_reuseport", 0),
-            # With the per-stream byte bound (protocol.streams), this bounds what one
-            # connection can hold in flight through streams.
-            ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
         ]
         server = grpc.aio.server(options=options, interceptors=[ErrorBoundary()])
         service_names = add_services(server, self.dataplane)
@@ -115,7 +109,7 @@ class Server:
             self.tcp_port = self._bind_tcp(server, listen.tcp)
         if self.config.metrics_listen is not None:
             try:
-                start_metrics_server(
+                self._metrics = await start_metrics_server(
                     self.config.metrics_listen, self.dataplane.metrics, self.models
                 )
             except OSError as error:
@@ -204,6 +198,8 @@ class Server:
             await self.models.close()
         finally:
             await self.credentials.close()
+            if self._metrics is not None:
+                await self._metrics.close()
             self.dataplane.shared_memory.clear()
             if self._watchdog is not None:
                 self._watchdog.cancel()
