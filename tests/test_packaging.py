@@ -23,6 +23,19 @@ def test_client_and_cli_import_without_torch() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_the_data_plane_imports_no_transport() -> None:
+    """The data plane (and what it imports: models, batching, metrics, shared memory,
+    errors) runs without grpc: importing it loads no grpc module."""
+    code = (
+        "import sys, edgeinferd.dataplane, edgeinferd.errors, edgeinferd.metrics\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'grpc', 'grpc_health'}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     """Regenerating from protos/ reproduces the committed files byte for byte."""
     subprocess.run(

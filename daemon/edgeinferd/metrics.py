@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from edgeinferd.protocol.status import GRPC_CODES
+from edgeinferd.errors import status_name
 
 if TYPE_CHECKING:
     from edgeinferd.models import ModelManager
@@ -60,16 +60,6 @@ class Histogram:
 class ModelCounters:
     requests: Counter[str] = field(default_factory=Counter)
     latency: dict[str, Histogram] = field(default_factory=lambda: {p: Histogram() for p in PHASES})
-
-
-def status_name(error: BaseException | None) -> str:
-    if error is None:
-        return "OK"
-    for kind in type(error).__mro__:
-        code = GRPC_CODES.get(kind)
-        if code is not None:
-            return str(code.name)
-    return "INTERNAL"
 
 
 class Metrics:

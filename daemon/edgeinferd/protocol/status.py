@@ -12,23 +12,13 @@ from typing import Any, Never
 import grpc
 import structlog
 
-from edgeinfer.tensors import TensorError
 from edgeinferd import errors
 
 log = structlog.get_logger("edgeinferd.protocol")
 
+#: ``errors.STATUS_NAMES`` (the one table) with the names turned into gRPC codes.
 GRPC_CODES: dict[type[Exception], grpc.StatusCode] = {
-    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    TensorError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.ModelNotReady: grpc.StatusCode.UNAVAILABLE,
-    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Cancelled: grpc.StatusCode.CANCELLED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.ModelExecutionError: grpc.StatusCode.INTERNAL,
-    # A model whose files are wrong cannot be loaded until someone fixes them.
-    errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+    kind: grpc.StatusCode[name] for kind, name in errors.STATUS_NAMES.items()
 }
 
 
