@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import numpy as np
 import pytest
@@ -137,11 +139,19 @@ def test_unknown_dtype_is_invalid(daemon: Daemon) -> None:
 
 
 def test_message_over_the_limit_is_resource_exhausted(daemon: Daemon) -> None:
-    """A request larger than the daemon's message limit is RESOURCE_EXHAUSTED."""
-    big = np.zeros((32, 16 * 1024 * 1024 // 16 * 5), dtype=np.float32)  # 80 MiB > 64 MiB default
+    """A request larger than the daemon's message limit is RESOURCE_EXHAUSTED, from the daemon.
+
+    80 MiB: past the daemon's 64 MiB default, within this client's 256 MiB cap, so the
+    refusal is the daemon's ("Received ... larger than max"), not the client's ("Sent").
+    """
+    big = np.zeros((32, 80 * 1024 * 1024 // 32 // 4), dtype=np.float32)
+    assert 64 << 20 < big.nbytes < 256 << 20
     with edgeinfer.Client(daemon.address, max_message_bytes=256 * 1024 * 1024) as client:
         error = call_error(client, "mlp", {"x": big})
+        assert client.health() == "SERVING"
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "Received message larger than max" in error.message, error.message
+    assert "vs. 67108864" in error.message
 
 
 def test_failing_forward_pass_is_internal_and_next_call_succeeds(
@@ -155,4 +165,12 @@ def test_failing_forward_pass_is_internal_and_next_call_succeeds(
     assert "forward pass" in error.message and "Traceback" not in error.message
     ok = client.predict("picky", {"x": np.ones((1, 2), np.float32)})
     np.testing.assert_array_equal(ok["y"], np.full((1, 2), 2, np.float32))
-    assert "req-negative" in daemon.log_text()
+    # The model's own traceback is logged (as JSON here), with the request id.
+    (line,) = [
+        json.loads(line)
+        for line in daemon.log_text().splitlines()
+        if "req-negative" in line and "forward pass failed" in line
+    ]
+    assert line["request_id"] == "req-negative"
+    frames = line["exception"]
+    assert any(frame["exc_type"] for frame in frames), frames

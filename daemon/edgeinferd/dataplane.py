@@ -172,13 +172,14 @@ class DataPlane:
         if error is not None:
             self.metrics.record(request.model, loaded.version, error, elapsed)
             if isinstance(error, ModelExecutionError):
+                # The traceback of the model's own exception (the cause), with the request id.
                 log.error(
                     "forward pass failed",
                     model=request.model,
                     version=loaded.version,
-                    request_id=request.id,
+                    request_id=request.id[:128],
                     error=str(error),
-                    cause=repr(error.__cause__) if error.__cause__ else None,
+                    exc_info=error.__cause__ or error,
                 )
             raise error
         completed = future.result()

@@ -24,6 +24,7 @@ from edgeinferd.generation.engine import GenerationEngine
 from edgeinferd.generation.model import load_generative
 from edgeinferd.repository import ModelConfig, Repository, VersionFiles, check_model_name
 from edgeinferd.runtime import Runner, load_runner
+from edgeinferd.tasks import log_failure
 
 log = structlog.get_logger("edgeinferd.models")
 
@@ -281,3 +282,4 @@ class ModelManager:
         task = asyncio.create_task(previous.close())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        task.add_done_callback(log_failure)

@@ -32,6 +32,7 @@ from edgeinferd.protocol import add_services
 from edgeinferd.protocol.boundary import ErrorBoundary
 from edgeinferd.repository import Repository
 from edgeinferd.systemd import SystemdNotifier
+from edgeinferd.tasks import spawn
 
 log = structlog.get_logger("edgeinferd.server")
 
@@ -123,7 +124,7 @@ class Server:
         # Only now: sockets listen and every model is loaded and warmed up.
         self._ready = True
         self.notifier.ready(self.status_line())
-        self._watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
+        self._watchdog = spawn(self.notifier.run_watchdog(), "watchdog")
 
     def _bind_unix(self, server: grpc.aio.Server, path: Path) -> None:
         _refuse_live_socket(path)
@@ -183,8 +184,8 @@ class Server:
         if self._closing is None:
             self.notifier.stopping()
             self.dataplane.draining = True
-            self._closing = asyncio.create_task(
-                self._close(self.config.grace_period_s if grace is None else grace)
+            self._closing = spawn(
+                self._close(self.config.grace_period_s if grace is None else grace), "close"
             )
 
     async def wait_closed(self) -> None:
@@ -228,8 +229,7 @@ class Server:
             if entry.state is ModelState.READY
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        task = asyncio.ensure_future(self.health.set(entry.name, status))
-        task.add_done_callback(lambda t: t.exception())
+        spawn(self.health.set(entry.name, status), f"health {entry.name}")
 
 
 def _refuse_live_socket(path: Path) -> None:
