@@ -66,3 +66,19 @@ def test_runtime_floor_matches_the_generator() -> None:
     line = next(ln for ln in source.splitlines() if ln.startswith("# Protobuf Python Version:"))
     gencode = line.split(":")[1].strip()
     assert f"protobuf>={gencode}" in pyproject["project"]["dependencies"]
+
+
+def test_async_client_has_the_same_methods_as_the_blocking_one() -> None:
+    """README: "edgeinfer.AsyncClient has the same methods for asyncio" (names and arguments)."""
+    import inspect
+
+    from edgeinfer.client import AsyncClient, Client
+
+    def public(cls: type) -> dict[str, list[str]]:
+        return {
+            name: list(inspect.signature(member).parameters)
+            for name, member in vars(cls).items()
+            if callable(member) and not name.startswith("_")
+        }
+
+    assert public(AsyncClient) == public(Client)
