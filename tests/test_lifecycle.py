@@ -127,6 +127,66 @@ def test_bad_config_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     assert "edgeinferd.toml: listen.unix_mode: expected an octal string" in lines[0]
 
 
+def _startup_case(case: str, tmp_path: Path) -> tuple[list[str], str]:
+    """Arguments that make start-up fail in one way, and the words that must name it."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    socket_path = str(short_tmpdir() / "s.sock")
+    config = tmp_path / "edgeinferd.toml"
+    if case == "config not UTF-8":
+        config.write_bytes(b'repository = "\xff\xfe"\n')
+        return ["--config", str(config)], "is not UTF-8"
+    if case == "socket folder cannot be created":
+        args = ["--repository", str(repo), "--unix", str(a_file / "sub" / "s.sock")]
+        return args, "cannot create the socket folder"
+    if case == "socket parent is a file":
+        args = ["--repository", str(repo), "--unix", str(a_file / "s.sock")]
+        return args, "is not a folder"
+    if case == "repository missing":
+        args = ["--repository", str(tmp_path / "nope"), "--unix", socket_path]
+        return args, "does not exist"
+    if case == "repository is a file":
+        return ["--repository", str(a_file), "--unix", socket_path], "is not a folder"
+    if case in ("port 99999", "port -5"):
+        port = case.split()[1]
+        args = ["--repository", str(repo), "--unix", socket_path, "--tcp", f"127.0.0.1:{port}"]
+        return args, "expected 'host:port' (port 0-65535)"
+    assert case == "garbage TLS certificate"
+    (tmp_path / "cert.pem").write_text("garbage")
+    (tmp_path / "key.pem").write_text("garbage")
+    config.write_text(
+        f'repository = "{repo}"\n[listen]\nunix = "{socket_path}"\ntcp = "127.0.0.1:0"\n'
+        'tls = {cert = "cert.pem", key = "key.pem"}\n'
+    )
+    return ["--config", str(config)], "do not load as a PEM certificate chain"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "config not UTF-8",
+        "socket folder cannot be created",
+        "socket parent is a file",
+        "repository missing",
+        "repository is a file",
+        "port 99999",
+        "port -5",
+        "garbage TLS certificate",
+    ],
+)
+def test_start_up_errors_are_one_line_not_a_traceback(case: str, tmp_path: Path) -> None:
+    """Each start-up mistake exits 1 with one 'edgeinferd:' line naming it, no traceback."""
+    args, words = _startup_case(case, tmp_path)
+    result = run_daemon(*args)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("edgeinferd: ")]
+    assert len(lines) == 1, result.stderr
+    assert words in lines[0], lines[0]
+
+
 def test_socket_in_use_exits_non_zero(tmp_path: Path) -> None:
     """A socket another process serves on is not stolen: start-up fails with exit 1."""
     workdir = short_tmpdir()

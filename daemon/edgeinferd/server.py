@@ -13,6 +13,7 @@ import errno
 import grp
 import os
 import socket
+import ssl
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -99,6 +100,10 @@ class Server:
         reflection.enable_server_reflection(service_names, server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
 
+        root = self.config.repository
+        if not root.is_dir():
+            what = "is not a folder" if root.exists() else "does not exist"
+            raise StartupError(f"model repository {root} {what}")
         await self.models.load_all()
 
         if listen.unix is not None:
@@ -127,9 +132,15 @@ class Server:
         self._watchdog = spawn(self.notifier.run_watchdog(), "watchdog")
 
     def _bind_unix(self, server: grpc.aio.Server, path: Path) -> None:
+        if path.parent.exists() and not path.parent.is_dir():
+            raise StartupError(f"cannot listen on unix:{path}: {path.parent} is not a folder")
+        try:
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as error:
+            raise StartupError(
+                f"cannot create the socket folder {path.parent}: {error.strerror}"
+            ) from None
         _refuse_live_socket(path)
-        if not path.parent.exists():
-            path.parent.mkdir(mode=0o750, parents=True)
         # The socket is created under the umask: make it no wider than asked,
         # so there is no moment when others could connect.
         old_umask = os.umask(0o777 & ~self.config.listen.unix_mode)
@@ -169,6 +180,7 @@ class Server:
                     ca = tls.client_ca.read_bytes() if tls.client_ca else None
                 except OSError as error:
                     raise StartupError(f"cannot read TLS file: {error}") from None
+                _check_tls(tls.cert, tls.key, tls.client_ca)
                 credentials = grpc.ssl_server_credentials(
                     [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
                 )
@@ -230,6 +242,25 @@ class Server:
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         spawn(self.health.set(entry.name, status), f"health {entry.name}")
+
+
+def _check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Name the TLS file that is wrong; gRPC only says "Failed to bind to address"."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as error:
+        raise StartupError(
+            f"TLS certificate {cert} and key {key} do not load as a PEM certificate chain"
+            f" and its private key: {error.reason or error}"
+        ) from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as error:
+            raise StartupError(
+                f"TLS client CA {client_ca} is not a PEM certificate: {error.reason or error}"
+            ) from None
 
 
 def _refuse_live_socket(path: Path) -> None:
