@@ -174,3 +174,26 @@ def test_failing_forward_pass_is_internal_and_next_call_succeeds(
     assert line["request_id"] == "req-negative"
     frames = line["exception"]
     assert any(frame["exc_type"] for frame in frames), frames
+
+
+def test_more_tensors_than_the_model_takes_are_refused_before_decoding(daemon: Daemon) -> None:
+    """200,000 tiny tensors (about 4 MiB) are refused by count, on v1 and V2 alike.
+
+    The message names the count, not a tensor: the check runs before any is decoded.
+    """
+    from edgeinfer.kserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
+    from edgeinfer.v1 import inference_pb2, tensor_pb2
+
+    v1 = inference_pb2.PredictRequest(model="mlp")
+    v2 = grpc_service_pb2.ModelInferRequest(model_name="mlp")
+    for index in range(200_000):
+        v1.inputs.add(name=f"x{index}", dtype=tensor_pb2.FLOAT32, shape=[1])
+        v2.inputs.add(name=f"x{index}", datatype="FP32", shape=[1])
+    with grpc.insecure_channel(daemon.address) as channel:
+        with pytest.raises(grpc.RpcError) as first:
+            inference_pb2_grpc.InferenceStub(channel).Predict(v1, timeout=60)
+        with pytest.raises(grpc.RpcError) as second:
+            grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(v2, timeout=60)
+    for caught in (first, second):
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "has 200000 input tensors; model 'mlp' takes 1" in caught.value.details()

@@ -143,6 +143,11 @@ class DataPlane:
         self.metrics.in_flight += 1
         return PendingInference(request, loaded, wanted, queued, started)
 
+    def count_refusal(self, model: str, version: str, error: BaseException) -> None:
+        """Count a call an adapter refused before ``start`` (under a bounded key)."""
+        key = InferenceRequest(model=model, inputs={}, version=version)
+        self.metrics.record(*self._counted_as(key, None), error, 0.0)
+
     def _counted_as(
         self, request: InferenceRequest, loaded: LoadedVersion | None
     ) -> tuple[str, str]:

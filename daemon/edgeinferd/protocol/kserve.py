@@ -137,6 +137,12 @@ def decode_request(
 
 def decode_inputs(message: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
     """Decode every input from raw buffers or typed contents, without copying raw ones."""
+    if len(message.inputs) > len(config.inputs):
+        # Refused before any tensor is decoded (see edgeinferd.protocol.v1.decode_request).
+        raise InvalidInput(
+            f"the request has {len(message.inputs)} input tensors; model {config.name!r}"
+            f" takes {len(config.inputs)}"
+        )
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
         raise InvalidInput(

@@ -47,8 +47,16 @@ def decode_request(
     time_remaining: float | None,
     shm: SharedMemoryRegistry,
     caller: Caller | None = None,
+    expected_inputs: int | None = None,
 ) -> InferenceRequest:
     inputs = {}
+    if expected_inputs is not None and len(message.inputs) > expected_inputs:
+        # Refused before any tensor is decoded: 200,000 tiny tensors cost the event loop
+        # a second to decode only to be refused afterwards.
+        raise InvalidInput(
+            f"the request has {len(message.inputs)} input tensors; model {message.model[:64]!r}"
+            f" takes {expected_inputs}"
+        )
     for tensor in message.inputs:
         if not tensor.name:
             raise InvalidInput("an input tensor has an empty name")
@@ -230,6 +238,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
         return caller_of(context, self.dataplane.peers)
 
+    def _input_count(self, message: pb.PredictRequest) -> int:
+        """How many inputs the serving model takes; an unknown model is refused (and
+        counted) here, before its tensors are decoded."""
+        try:
+            loaded = self.dataplane.serving(message.model, message.version)
+        except Exception as error:
+            self.dataplane.count_refusal(message.model, message.version, error)
+            raise
+        return len(loaded.config.inputs)
+
     def _encode(
         self, message: pb.PredictRequest, result: InferenceResponse, caller: Caller
     ) -> pb.PredictResponse:
@@ -251,7 +269,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> pb.PredictResponse:
         caller = self._caller(context)
         decoded = decode_request(
-            request, context.time_remaining(), self.dataplane.shared_memory, caller
+            request,
+            context.time_remaining(),
+            self.dataplane.shared_memory,
+            caller,
+            self._input_count(request),
         )
         return self._encode(request, await self.dataplane.infer(decoded), caller)
 
@@ -266,7 +288,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         def start(message: pb.PredictRequest) -> _StreamMessage:
             try:
                 request = decode_request(
-                    message, context.time_remaining(), self.dataplane.shared_memory, caller
+                    message,
+                    context.time_remaining(),
+                    self.dataplane.shared_memory,
+                    caller,
+                    self._input_count(message),
                 )
                 return _StreamMessage(message, self.dataplane.start(request))
             except Exception as error:
