@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import edgeinfer
+from edgeinfer.client import build_request
 from tests import models
 from tests.conftest import StartDaemon, short_tmpdir
 
@@ -47,7 +48,10 @@ def test_sigterm_lets_in_flight_calls_finish(start_daemon: StartDaemon, tmp_path
     threads = [threading.Thread(target=call) for _ in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(0.5)  # the calls are queued or running
+    # Not a sleep: SIGTERM goes once the daemon counts all four calls in flight.
+    with daemon.client(timeout=60) as probe:
+        while probe.get_stats().in_flight < 4 and len(results) < 4:
+            pass
     assert results == [], "every call should still be in flight when SIGTERM arrives"
     daemon.signal(signal.SIGTERM)
     for thread in threads:
@@ -58,12 +62,39 @@ def test_sigterm_lets_in_flight_calls_finish(start_daemon: StartDaemon, tmp_path
 
 
 def test_new_calls_are_refused_after_sigterm(start_daemon: StartDaemon, tmp_path: Path) -> None:
-    """Once shutting down, the socket stops accepting and is removed."""
+    """After SIGTERM a new call is UNAVAILABLE while the one in flight still completes.
+
+    Ordered by counters, not sleeps: SIGTERM is sent once GetStats shows the slow call
+    in flight; new calls are then made until one is refused (the signal handler has run),
+    and every later one must be refused too. Then the socket is removed and the exit is 0.
+    """
     repo = tmp_path / "repo"
+    models.add_slow(repo)
     models.add_mlp(repo)
-    daemon = start_daemon(repo)
-    daemon.signal(signal.SIGTERM)
-    assert daemon.process.wait(30) == 0
+    daemon = start_daemon(repo, "[shutdown]\ngrace_period_s = 120\n")
+    x = np.ones((1, 16), np.float32)
+    with daemon.client(timeout=60) as client:
+        running = client._stub.Predict.future(
+            build_request("slow", {"x": np.full((1, 1), 3000, np.float32)}), timeout=60
+        )
+        while client.get_stats().in_flight < 1 and not running.done():
+            pass
+        daemon.signal(signal.SIGTERM)
+        codes = []
+        while (not codes or codes[-1] == "OK") and len(codes) < 10_000:
+            try:
+                client.predict("mlp", {"x": x})
+                codes.append("OK")
+            except edgeinfer.EdgeInferError as error:
+                codes.append(error.code.name)
+        later = []
+        for _ in range(5):
+            with pytest.raises(edgeinfer.EdgeInferError) as caught:
+                client.predict("mlp", {"x": x})
+            later.append(caught.value.code.name)
+        assert running.result().outputs[0].name == "y"
+    assert codes[-1] == "UNAVAILABLE" and set(later) == {"UNAVAILABLE"}, (codes, later)
+    assert daemon.process.wait(60) == 0
     assert not daemon.socket.exists()
 
 
