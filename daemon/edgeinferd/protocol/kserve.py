@@ -108,6 +108,8 @@ PLATFORMS = {"torchscript": "pytorch_libtorch", "exported_program": "pytorch_exp
 #: a different question than the one asked, so they are refused.
 SHARED_MEMORY_PARAMETER = "shared_memory_region"
 CLASSIFICATION_PARAMETER = "classification"
+#: Set on the ``infer_response`` of a failed stream answer: the gRPC code name.
+STREAM_STATUS_PARAMETER = "edgeinfer_status"
 #: Repository-load parameters that would load something other than what is on disk.
 LOAD_OVERRIDE_PARAMETERS = ("config",)
 
@@ -452,8 +454,8 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 response = await self._respond(message, context.time_remaining())
                 return pb.ModelStreamInferResponse(infer_response=response)
             except Exception as error:
-                _, text = status_for(error, message.id)
-                return pb.ModelStreamInferResponse(
+                code, text = status_for(error, message.id)
+                answer = pb.ModelStreamInferResponse(
                     error_message=text,
                     infer_response=pb.ModelInferResponse(
                         model_name=message.model_name,
@@ -461,6 +463,10 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                         id=message.id,
                     ),
                 )
+                # V2 streams carry only a message; the code rides along as a parameter
+                # (clients that do not know it ignore it).
+                answer.infer_response.parameters[STREAM_STATUS_PARAMETER].string_param = code.name
+                return answer
 
         def cancel(task: asyncio.Task[pb.ModelStreamInferResponse]) -> None:
             task.cancel()
