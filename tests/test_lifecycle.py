@@ -96,6 +96,7 @@ def test_new_calls_are_refused_after_sigterm(start_daemon: StartDaemon, tmp_path
     assert codes[-1] == "UNAVAILABLE" and set(later) == {"UNAVAILABLE"}, (codes, later)
     assert daemon.process.wait(60) == 0
     assert not daemon.socket.exists()
+    assert not daemon.socket.with_name(daemon.socket.name + ".cred").exists()
 
 
 def test_sighup_reloads_the_repository(start_daemon: StartDaemon, tmp_path: Path) -> None:
