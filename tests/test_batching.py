@@ -99,7 +99,8 @@ def test_v1_and_v2_calls_share_one_queue(start_daemon: StartDaemon, tmp_path: Pa
 
     The delay is longer than the calls' deadline: only a shared queue lets them finish.
     """
-    from edgeinfer.kserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
+    from tritonclient.grpc import service_pb2 as grpc_service_pb2
+    from tritonclient.grpc import service_pb2_grpc as grpc_service_pb2_grpc
 
     daemon = mlp_daemon(start_daemon, tmp_path, f"max_queue_delay_us = {FOREVER_US}\n{FIXED}")
     rng = np.random.default_rng(5)

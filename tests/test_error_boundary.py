@@ -3,7 +3,9 @@
 The daemon is real, on a real socket, but started by a launcher that replaces
 every edgeinfer.v1 and KServe V2 handler with one that raises RuntimeError
 (there is no input that makes every handler fail on its own). Each method is
-then called through a plain channel with an empty request.
+then called through a plain channel with an empty request. V2 messages come
+from tritonclient's ``service_pb2`` (the same protocol; edgeinfer's own copy
+cannot share the test process with it).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tritonclient.grpc import service_pb2 as grpc_service_pb2
 
-from edgeinfer.kserve.v2 import grpc_service_pb2
 from edgeinfer.v1 import inference_pb2
 from tests.conftest import Daemon, daemon_config, short_tmpdir
 

@@ -181,7 +181,9 @@ def test_more_tensors_than_the_model_takes_are_refused_before_decoding(daemon: D
 
     The message names the count, not a tensor: the check runs before any is decoded.
     """
-    from edgeinfer.kserve.v2 import grpc_service_pb2, grpc_service_pb2_grpc
+    from tritonclient.grpc import service_pb2 as grpc_service_pb2
+    from tritonclient.grpc import service_pb2_grpc as grpc_service_pb2_grpc
+
     from edgeinfer.v1 import inference_pb2, tensor_pb2
 
     v1 = inference_pb2.PredictRequest(model="mlp")

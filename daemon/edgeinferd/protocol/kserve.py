@@ -44,7 +44,7 @@ from edgeinferd.metrics import Metrics
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelState
 from edgeinferd.protocol.status import status_for
 from edgeinferd.protocol.streams import answer_in_order
-from edgeinferd.protocol.v1 import caller_of
+from edgeinferd.protocol.v1 import EXTRA_INPUTS, caller_of
 from edgeinferd.repository import ModelConfig
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def decode_request(
 
 def decode_inputs(message: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
     """Decode every input from raw buffers or typed contents, without copying raw ones."""
-    if len(message.inputs) > len(config.inputs):
+    if len(message.inputs) > len(config.inputs) + EXTRA_INPUTS:
         # Refused before any tensor is decoded (see edgeinferd.protocol.v1.decode_request).
         raise InvalidInput(
             f"the request has {len(message.inputs)} input tensors; model {config.name!r}"

@@ -39,6 +39,10 @@ from edgeinferd.protocol.status import abort_with, status_for
 from edgeinferd.protocol.streams import answer_in_order
 from edgeinferd.shm import SharedMemoryRegistry
 
+#: Tensors beyond the model's inputs that are still decoded one by one, so that the
+#: message can name the unknown or repeated one; more are refused by count alone.
+EXTRA_INPUTS = 8
+
 _STATES = {"READY": pb.READY, "LOADING": pb.LOADING, "FAILED": pb.FAILED, "UNLOADED": pb.UNLOADED}
 
 
@@ -50,9 +54,10 @@ def decode_request(
     expected_inputs: int | None = None,
 ) -> InferenceRequest:
     inputs = {}
-    if expected_inputs is not None and len(message.inputs) > expected_inputs:
+    if expected_inputs is not None and len(message.inputs) > expected_inputs + EXTRA_INPUTS:
         # Refused before any tensor is decoded: 200,000 tiny tensors cost the event loop
-        # a second to decode only to be refused afterwards.
+        # a second to decode only to be refused afterwards. A few extra ones still get
+        # the precise message (which tensor is unknown or twice) from the loop below.
         raise InvalidInput(
             f"the request has {len(message.inputs)} input tensors; model {message.model[:64]!r}"
             f" takes {expected_inputs}"
