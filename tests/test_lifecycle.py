@@ -87,13 +87,21 @@ def test_new_calls_are_refused_after_sigterm(start_daemon: StartDaemon, tmp_path
                 codes.append("OK")
             except edgeinfer.EdgeInferError as error:
                 codes.append(error.code.name)
+        # Refused while the slow call still runs: the stop began at once, not after it.
+        still_running = not running.done()
         later = []
         for _ in range(5):
             with pytest.raises(edgeinfer.EdgeInferError) as caught:
                 client.predict("mlp", {"x": x})
             later.append(caught.value.code.name)
         assert running.result().outputs[0].name == "y"
-    assert codes[-1] == "UNAVAILABLE" and set(later) == {"UNAVAILABLE"}, (codes, later)
+    # A call that arrives just as the stop begins is CANCELLED by gRPC (accepted, never
+    # given to a handler); after that the listener is closed: UNAVAILABLE.
+    assert codes[-1] in ("UNAVAILABLE", "CANCELLED") and set(later) == {"UNAVAILABLE"}, (
+        codes,
+        later,
+    )
+    assert still_running, codes
     assert daemon.process.wait(60) == 0
     assert not daemon.socket.exists()
     assert not daemon.socket.with_name(daemon.socket.name + ".cred").exists()

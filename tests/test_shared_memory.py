@@ -369,12 +369,16 @@ def shared_daemon(model_repo: Path) -> Iterator[Daemon]:
 
 
 def as_nobody(daemon: Daemon, body: str) -> dict[str, object]:
-    """Run ``body`` in a client process that has become uid/gid 65534; returns its JSON result."""
+    """Run ``body`` in a client process that has become uid/gid 65534; returns its JSON result.
+
+    Everything is imported before the switch: the interpreter's own files may not be
+    readable by that user.
+    """
     prelude = textwrap.dedent(
         f"""
         import json, os, sys
         sys.path[:0] = [{str(ROOT / "client")!r}, {str(ROOT)!r}]
-        import grpc, numpy as np, edgeinfer
+        import grpc, numpy as np, edgeinfer, edgeinfer.client, edgeinfer.tensors
         from edgeinfer.shm import SharedMemoryRegion
         from edgeinfer.v1 import inference_pb2
         os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
