@@ -35,15 +35,24 @@ def short_tmpdir() -> Path:
 class Daemon:
     """A running ``edgeinferd`` process and how to reach it."""
 
-    def __init__(self, config_text: str, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_text: str,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        launcher: Path | None = None,
+    ) -> None:
         self.workdir = workdir
         self.socket = workdir / "edgeinfer.sock"
         self.config = workdir / "edgeinferd.toml"
         self.config.write_text(config_text.replace("@SOCKET@", str(self.socket)))
         self.log = workdir / "daemon.log"
         self._log_file = self.log.open("wb")
+        # A launcher script stands in for ``-m edgeinferd`` when a test must change the
+        # daemon's code before it runs (it then calls edgeinferd.cli.main itself).
+        entry = [str(launcher)] if launcher is not None else ["-m", "edgeinferd"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "edgeinferd", "--config", str(self.config)],
+            [sys.executable, *entry, "--config", str(self.config)],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import numpy as np
 import torch
 
@@ -79,10 +81,54 @@ def test_a_preferred_batch_size_runs_at_once(start_daemon: StartDaemon, tmp_path
 
 
 def test_a_lone_call_runs_when_its_delay_ends(start_daemon: StartDaemon, tmp_path: Path) -> None:
-    """A call that no other joins runs alone once max_queue_delay_us has passed."""
+    """A call that no other joins runs alone once max_queue_delay_us has passed.
+
+    The daemon's own queue-time counter shows it waited the delay out: a batcher
+    that ignored the delay would also run it alone, but at once.
+    """
     daemon = mlp_daemon(start_daemon, tmp_path, f"max_queue_delay_us = 200000\n{FIXED}")
     call_together(daemon, [np.ones((2, 16), dtype=np.float32)])
     assert forward_passes(daemon) == (1, 2)
+    with daemon.client(timeout=10) as client:
+        (stats,) = [m for m in client.get_stats().models if m.model == "mlp"]
+    assert stats.queue_seconds_sum >= 0.2, stats.queue_seconds_sum
+
+
+def test_v1_and_v2_calls_share_one_queue(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """Two edgeinfer.v1 and two KServe V2 one-row calls fill one batch of four together.
+
+    The delay is longer than the calls' deadline: only a shared queue lets them finish.
+    """
+    from tritonclient.grpc import service_pb2 as grpc_service_pb2
+    from tritonclient.grpc import service_pb2_grpc as grpc_service_pb2_grpc
+
+    daemon = mlp_daemon(start_daemon, tmp_path, f"max_queue_delay_us = {FOREVER_US}\n{FIXED}")
+    rng = np.random.default_rng(5)
+    inputs = [rng.standard_normal((1, 16), dtype=np.float32) for _ in range(4)]
+
+    async def main() -> list[np.ndarray]:
+        async with (
+            edgeinfer.AsyncClient(daemon.address, timeout=5) as client,
+            grpc.aio.insecure_channel(daemon.address) as channel,
+        ):
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+            async def v2(x: np.ndarray) -> np.ndarray:
+                request = grpc_service_pb2.ModelInferRequest(model_name="mlp")
+                request.inputs.add(name="x", datatype="FP32", shape=x.shape)
+                request.raw_input_contents.append(x.tobytes())
+                response = await stub.ModelInfer(request, timeout=5)
+                return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(1, 4)
+
+            async def v1(x: np.ndarray) -> np.ndarray:
+                return (await client.predict("mlp", {"x": x}))["y"]
+
+            calls = [v1(inputs[0]), v2(inputs[1]), v1(inputs[2]), v2(inputs[3])]
+            return list(await asyncio.gather(*calls))
+
+    for x, y in zip(inputs, asyncio.run(main()), strict=True):
+        np.testing.assert_allclose(y, reference(x), rtol=1e-5, atol=1e-6)
+    assert forward_passes(daemon) == (1, 4)
 
 
 def test_calls_that_would_overfill_a_batch_run_in_the_next(

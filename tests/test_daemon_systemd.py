@@ -115,12 +115,20 @@ def test_watchdog_pings_while_a_forward_pass_is_stuck(
         target=client.predict, args=("slow", {"x": np.full((1, 1), 10000, np.float32)})
     )
     thread.start()
-    time.sleep(0.3)
+    # Gates, not sleeps: the slow call is in flight by the daemon's own count, then
+    # pings are collected until four arrived (or the forward pass ended).
+    with daemon.client(timeout=10) as probe:
+        while probe.get_stats().in_flight < 1 and thread.is_alive():
+            pass
     manager.poll()
     start = len(manager.messages)
-    time.sleep(1.5)
-    manager.poll()
-    pings = [t for t, f in manager.messages[start:] if f.get("WATCHDOG") == "1"]
+
+    def pings_so_far() -> list[float]:
+        return [t for t, f in manager.messages[start:] if f.get("WATCHDOG") == "1"]
+
+    while len(pings_so_far()) < 4 and thread.is_alive():
+        manager.poll()
+    pings = pings_so_far()
     assert thread.is_alive(), "the forward pass should still be running"
     assert len(pings) >= 4, pings
     gaps = np.diff(pings)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import edgeinfer
+from edgeinfer.client import build_request
 from tests import models
 from tests.conftest import StartDaemon, short_tmpdir
 
@@ -47,7 +48,10 @@ def test_sigterm_lets_in_flight_calls_finish(start_daemon: StartDaemon, tmp_path
     threads = [threading.Thread(target=call) for _ in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(0.5)  # the calls are queued or running
+    # Not a sleep: SIGTERM goes once the daemon counts all four calls in flight.
+    with daemon.client(timeout=60) as probe:
+        while probe.get_stats().in_flight < 4 and len(results) < 4:
+            pass
     assert results == [], "every call should still be in flight when SIGTERM arrives"
     daemon.signal(signal.SIGTERM)
     for thread in threads:
@@ -58,13 +62,49 @@ def test_sigterm_lets_in_flight_calls_finish(start_daemon: StartDaemon, tmp_path
 
 
 def test_new_calls_are_refused_after_sigterm(start_daemon: StartDaemon, tmp_path: Path) -> None:
-    """Once shutting down, the socket stops accepting and is removed."""
+    """After SIGTERM a new call is UNAVAILABLE while the one in flight still completes.
+
+    Ordered by counters, not sleeps: SIGTERM is sent once GetStats shows the slow call
+    in flight; new calls are then made until one is refused (the signal handler has run),
+    and every later one must be refused too. Then the socket is removed and the exit is 0.
+    """
     repo = tmp_path / "repo"
+    models.add_slow(repo)
     models.add_mlp(repo)
-    daemon = start_daemon(repo)
-    daemon.signal(signal.SIGTERM)
-    assert daemon.process.wait(30) == 0
+    daemon = start_daemon(repo, "[shutdown]\ngrace_period_s = 120\n")
+    x = np.ones((1, 16), np.float32)
+    with daemon.client(timeout=60) as client:
+        running = client._stub.Predict.future(
+            build_request("slow", {"x": np.full((1, 1), 3000, np.float32)}), timeout=60
+        )
+        while client.get_stats().in_flight < 1 and not running.done():
+            pass
+        daemon.signal(signal.SIGTERM)
+        codes = []
+        while (not codes or codes[-1] == "OK") and len(codes) < 10_000:
+            try:
+                client.predict("mlp", {"x": x})
+                codes.append("OK")
+            except edgeinfer.EdgeInferError as error:
+                codes.append(error.code.name)
+        # Refused while the slow call still runs: the stop began at once, not after it.
+        still_running = not running.done()
+        later = []
+        for _ in range(5):
+            with pytest.raises(edgeinfer.EdgeInferError) as caught:
+                client.predict("mlp", {"x": x})
+            later.append(caught.value.code.name)
+        assert running.result().outputs[0].name == "y"
+    # A call that arrives just as the stop begins is CANCELLED by gRPC (accepted, never
+    # given to a handler); after that the listener is closed: UNAVAILABLE.
+    assert codes[-1] in ("UNAVAILABLE", "CANCELLED") and set(later) == {"UNAVAILABLE"}, (
+        codes,
+        later,
+    )
+    assert still_running, codes
+    assert daemon.process.wait(60) == 0
     assert not daemon.socket.exists()
+    assert not daemon.socket.with_name(daemon.socket.name + ".cred").exists()
 
 
 def test_sighup_reloads_the_repository(start_daemon: StartDaemon, tmp_path: Path) -> None:
@@ -126,6 +166,66 @@ def test_bad_config_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "edgeinferd.toml: listen.unix_mode: expected an octal string" in lines[0]
+
+
+def _startup_case(case: str, tmp_path: Path) -> tuple[list[str], str]:
+    """Arguments that make start-up fail in one way, and the words that must name it."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    socket_path = str(short_tmpdir() / "s.sock")
+    config = tmp_path / "edgeinferd.toml"
+    if case == "config not UTF-8":
+        config.write_bytes(b'repository = "\xff\xfe"\n')
+        return ["--config", str(config)], "is not UTF-8"
+    if case == "socket folder cannot be created":
+        args = ["--repository", str(repo), "--unix", str(a_file / "sub" / "s.sock")]
+        return args, "cannot create the socket folder"
+    if case == "socket parent is a file":
+        args = ["--repository", str(repo), "--unix", str(a_file / "s.sock")]
+        return args, "is not a folder"
+    if case == "repository missing":
+        args = ["--repository", str(tmp_path / "nope"), "--unix", socket_path]
+        return args, "does not exist"
+    if case == "repository is a file":
+        return ["--repository", str(a_file), "--unix", socket_path], "is not a folder"
+    if case in ("port 99999", "port -5"):
+        port = case.split()[1]
+        args = ["--repository", str(repo), "--unix", socket_path, "--tcp", f"127.0.0.1:{port}"]
+        return args, "expected 'host:port' (port 0-65535)"
+    assert case == "garbage TLS certificate"
+    (tmp_path / "cert.pem").write_text("garbage")
+    (tmp_path / "key.pem").write_text("garbage")
+    config.write_text(
+        f'repository = "{repo}"\n[listen]\nunix = "{socket_path}"\ntcp = "127.0.0.1:0"\n'
+        'tls = {cert = "cert.pem", key = "key.pem"}\n'
+    )
+    return ["--config", str(config)], "do not load as a PEM certificate chain"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "config not UTF-8",
+        "socket folder cannot be created",
+        "socket parent is a file",
+        "repository missing",
+        "repository is a file",
+        "port 99999",
+        "port -5",
+        "garbage TLS certificate",
+    ],
+)
+def test_start_up_errors_are_one_line_not_a_traceback(case: str, tmp_path: Path) -> None:
+    """Each start-up mistake exits 1 with one 'edgeinferd:' line naming it, no traceback."""
+    args, words = _startup_case(case, tmp_path)
+    result = run_daemon(*args)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("edgeinferd: ")]
+    assert len(lines) == 1, result.stderr
+    assert words in lines[0], lines[0]
 
 
 def test_socket_in_use_exits_non_zero(tmp_path: Path) -> None:

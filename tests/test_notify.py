@@ -33,6 +33,9 @@ class FakeManager:
         self.socket.bind("\0" + address[1:] if address.startswith("@") else address)
         self.socket.settimeout(0.05)
         self.received: list[tuple[float, dict[str, str]]] = []
+        #: Datagrams that broke the protocol. An assert in the receiving thread would
+        #: only end that thread; these fail the test from messages() and close().
+        self.malformed: list[bytes] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._receive, daemon=True)
         self._thread.start()
@@ -46,15 +49,21 @@ class FakeManager:
             except OSError:
                 return
             arrived = time.monotonic()
-            lines = data.decode().split("\n")
-            assert lines[-1] == "", f"datagram must end with a newline: {data!r}"
+            lines = data.decode(errors="replace").split("\n")
+            if lines[-1] != "" or any("=" not in line for line in lines[:-1]):
+                self.malformed.append(data)  # must be KEY=value lines, each ending in a newline
+                continue
             self.received.append((arrived, dict(line.split("=", 1) for line in lines[:-1])))
 
     def messages(self, wait_for: int = 1, timeout: float = 2.0) -> list[dict[str, str]]:
         deadline = time.monotonic() + timeout
         while len(self.received) < wait_for and time.monotonic() < deadline:
             time.sleep(0.005)
+        self.check()
         return [fields for _, fields in self.received]
+
+    def check(self) -> None:
+        assert not self.malformed, f"datagrams not in KEY=value newline form: {self.malformed!r}"
 
     def ping_times(self) -> list[float]:
         return [at for at, fields in self.received if fields.get("WATCHDOG") == "1"]
@@ -63,6 +72,7 @@ class FakeManager:
         self._stop.set()
         self._thread.join()
         self.socket.close()
+        self.check()
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import numpy as np
 import pytest
@@ -137,11 +139,19 @@ def test_unknown_dtype_is_invalid(daemon: Daemon) -> None:
 
 
 def test_message_over_the_limit_is_resource_exhausted(daemon: Daemon) -> None:
-    """A request larger than the daemon's message limit is RESOURCE_EXHAUSTED."""
-    big = np.zeros((32, 16 * 1024 * 1024 // 16 * 5), dtype=np.float32)  # 80 MiB > 64 MiB default
+    """A request larger than the daemon's message limit is RESOURCE_EXHAUSTED, from the daemon.
+
+    80 MiB: past the daemon's 64 MiB default, within this client's 256 MiB cap, so the
+    refusal is the daemon's ("Received ... larger than max"), not the client's ("Sent").
+    """
+    big = np.zeros((32, 80 * 1024 * 1024 // 32 // 4), dtype=np.float32)
+    assert 64 << 20 < big.nbytes < 256 << 20
     with edgeinfer.Client(daemon.address, max_message_bytes=256 * 1024 * 1024) as client:
         error = call_error(client, "mlp", {"x": big})
+        assert client.health() == "SERVING"
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "Received message larger than max" in error.message, error.message
+    assert "vs. 67108864" in error.message
 
 
 def test_failing_forward_pass_is_internal_and_next_call_succeeds(
@@ -155,4 +165,37 @@ def test_failing_forward_pass_is_internal_and_next_call_succeeds(
     assert "forward pass" in error.message and "Traceback" not in error.message
     ok = client.predict("picky", {"x": np.ones((1, 2), np.float32)})
     np.testing.assert_array_equal(ok["y"], np.full((1, 2), 2, np.float32))
-    assert "req-negative" in daemon.log_text()
+    # The model's own traceback is logged (as JSON here), with the request id.
+    (line,) = [
+        json.loads(line)
+        for line in daemon.log_text().splitlines()
+        if "req-negative" in line and "forward pass failed" in line
+    ]
+    assert line["request_id"] == "req-negative"
+    frames = line["exception"]
+    assert any(frame["exc_type"] for frame in frames), frames
+
+
+def test_more_tensors_than_the_model_takes_are_refused_before_decoding(daemon: Daemon) -> None:
+    """200,000 tiny tensors (about 4 MiB) are refused by count, on v1 and V2 alike.
+
+    The message names the count, not a tensor: the check runs before any is decoded.
+    """
+    from tritonclient.grpc import service_pb2 as grpc_service_pb2
+    from tritonclient.grpc import service_pb2_grpc as grpc_service_pb2_grpc
+
+    from edgeinfer.v1 import inference_pb2, tensor_pb2
+
+    v1 = inference_pb2.PredictRequest(model="mlp")
+    v2 = grpc_service_pb2.ModelInferRequest(model_name="mlp")
+    for index in range(200_000):
+        v1.inputs.add(name=f"x{index}", dtype=tensor_pb2.FLOAT32, shape=[1])
+        v2.inputs.add(name=f"x{index}", datatype="FP32", shape=[1])
+    with grpc.insecure_channel(daemon.address) as channel:
+        with pytest.raises(grpc.RpcError) as first:
+            inference_pb2_grpc.InferenceStub(channel).Predict(v1, timeout=60)
+        with pytest.raises(grpc.RpcError) as second:
+            grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(v2, timeout=60)
+    for caught in (first, second):
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "has 200000 input tensors; model 'mlp' takes 1" in caught.value.details()

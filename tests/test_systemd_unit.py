@@ -135,6 +135,7 @@ def test_unit_is_a_notify_service_with_watchdog_and_reload() -> None:
     assert service["Restart"] == ["on-failure"]
     assert service["RestartSec"] == ["5s"]
     assert "PYTHONUNBUFFERED=1" in service["Environment"]
+    assert service["LimitNOFILE"] == ["4096"]  # chosen on purpose (docs/operations.md)
 
 
 def test_unit_makes_the_socket_reachable_by_group_only() -> None:

@@ -45,7 +45,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
 from edgeinfer.client import (
@@ -53,12 +52,9 @@ from edgeinfer.client import (
     EdgeInferError,
     ModelInfo,
     TlsOptions,
-    build_shm_request,
-    decode_outputs,
 )
 from edgeinfer.shm import ALIGNMENT, SharedMemoryRegion
 from edgeinfer.tensors import DTYPES_BY_NAME, NUMPY_DTYPES
-from edgeinfer.v1 import inference_pb2
 
 ClientFactory = Callable[[], AsyncClient]
 
@@ -246,8 +242,6 @@ class _Caller:
         self.inputs = inputs
         self.regions: list[SharedMemoryRegion] = []
         self.pool: asyncio.Queue[SharedMemoryRegion] = asyncio.Queue()
-        # AsyncClient has no shared-memory arguments: the generated stub is called directly.
-        self._stub: Any = client._stub
 
     async def open(self, regions: int) -> None:
         if not self.plan.shared_memory:
@@ -258,21 +252,14 @@ class _Caller:
         for _ in range(regions):
             region = SharedMemoryRegion.create(size)
             self.regions.append(region)
-            request = inference_pb2.RegisterSharedMemoryRequest(
-                name=region.name, key=region.key, offset=0, byte_size=region.byte_size
-            )
-            try:
-                await self._stub.RegisterSharedMemory(request, timeout=self.client.timeout)
-            except grpc.RpcError as error:
-                raise EdgeInferError.from_rpc(error) from None
-            region.registered = True
+            await self.client.register_shared_memory(region)
             self.pool.put_nowait(region)
 
     async def close(self) -> None:
         for region in self.regions:
-            with contextlib.suppress(grpc.RpcError):
-                request = inference_pb2.UnregisterSharedMemoryRequest(name=region.name)
-                await self._stub.UnregisterSharedMemory(request, timeout=5)
+            if region.registered:
+                with contextlib.suppress(EdgeInferError):
+                    await self.client.unregister_shared_memory(region)
             region.close()
 
     async def call(self) -> None:
@@ -281,19 +268,14 @@ class _Caller:
             return
         region = await self.pool.get()
         try:
-            request = build_shm_request(
+            await self.client.predict(
                 self.plan.model,
                 self.inputs,
-                region,
-                self.plan.version,
+                version=self.plan.version,
                 outputs=self.plan.outputs,
+                shared_memory=region,
                 outputs_in_shared_memory=True,
             )
-            try:
-                response = await self._stub.Predict(request, timeout=self.client.timeout)
-            except grpc.RpcError as error:
-                raise EdgeInferError.from_rpc(error) from None
-            decode_outputs(response, region)
         finally:
             self.pool.put_nowait(region)
 

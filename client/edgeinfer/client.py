@@ -7,7 +7,9 @@ failure raises ``EdgeInferError`` carrying the gRPC status code and message.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import socket
 import threading
 from collections.abc import (
     AsyncGenerator,
@@ -328,6 +330,88 @@ def normalize_address(address: str) -> str:
     return address
 
 
+#: Metadata that carries the token standing for this process's uid (see peer_token).
+PEER_TOKEN_METADATA = "edgeinfer-peer-token"
+#: The daemon's credentials socket sits next to its gRPC socket, with this suffix.
+CREDENTIALS_SUFFIX = ".cred"
+
+
+def credentials_socket(address: str) -> str | None:
+    """The daemon's credentials socket for a ``unix:`` address (None for TCP)."""
+    address = normalize_address(address)
+    if not address.startswith("unix:"):
+        return None
+    path = address[len("unix:") :]
+    if path.startswith("//"):
+        path = path[2:]
+    return path + CREDENTIALS_SUFFIX
+
+
+def _parse_token(reply: bytes, where: str) -> str:
+    token = reply.decode("ascii", "replace").strip()
+    if not token:
+        raise EdgeInferError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"the daemon handed out no peer token on {where}"
+        )
+    return token
+
+
+def peer_token(address: str, timeout: float = 10.0) -> str | None:
+    """Ask the daemon for the token that stands for this process's uid.
+
+    The daemon reads the uid from the kernel (SO_PEERCRED) on its credentials
+    socket; shared-memory calls carry the token so the daemon knows whose
+    regions they may touch. None for a TCP address: shared memory is refused there.
+    """
+    path = credentials_socket(address)
+    if path is None:
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            reply = b""
+            while chunk := sock.recv(256):
+                reply += chunk
+        except OSError as error:
+            raise EdgeInferError(
+                grpc.StatusCode.UNAVAILABLE, f"cannot reach the credentials socket {path}: {error}"
+            ) from None
+    return _parse_token(reply, path)
+
+
+async def peer_token_async(address: str) -> str | None:
+    """``peer_token`` for asyncio callers."""
+    path = credentials_socket(address)
+    if path is None:
+        return None
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+        try:
+            reply = await reader.read(256)
+        finally:
+            writer.close()
+    except OSError as error:
+        raise EdgeInferError(
+            grpc.StatusCode.UNAVAILABLE, f"cannot reach the credentials socket {path}: {error}"
+        ) from None
+    return _parse_token(reply, path)
+
+
+def _token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return () if token is None else ((PEER_TOKEN_METADATA, token),)
+
+
+def _register_request(region: SharedMemoryRegion) -> inference_pb2.RegisterSharedMemoryRequest:
+    return inference_pb2.RegisterSharedMemoryRequest(
+        name=region.name, key=region.key, offset=0, byte_size=region.byte_size
+    )
+
+
+def _region_names(response: inference_pb2.ListSharedMemoryResponse) -> list[str]:
+    return [r.name for r in response.regions]
+
+
 def _channel_options(max_message_bytes: int, tls: TlsOptions | None) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -439,6 +523,7 @@ class Client:
         )
         self._ids = itertools.count(1)
         self._shm_lock = threading.Lock()
+        self._token: str | None = None
 
     def __enter__(self) -> Client:
         return self
@@ -449,11 +534,21 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _call(self, method: Any, request: Any, timeout: float | None, metadata: Any = None) -> Any:
         try:
-            return method(request, timeout=timeout if timeout is not None else self.timeout)
+            return method(
+                request,
+                timeout=timeout if timeout is not None else self.timeout,
+                metadata=metadata,
+            )
         except grpc.RpcError as error:
             raise EdgeInferError.from_rpc(error) from None
+
+    def _shm_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The peer-token metadata of shared-memory calls (fetched once per client)."""
+        if self._token is None:
+            self._token = peer_token(self.address)
+        return _token_metadata(self._token)
 
     def predict(
         self,
@@ -480,23 +575,28 @@ class Client:
             request = build_shm_request(
                 model, inputs, shared_memory, version, request_id, outputs, outputs_in_shared_memory
             )
-            response = self._call(self._stub.Predict, request, timeout)
+            metadata = self._shm_metadata()
+            response = self._call(self._stub.Predict, request, timeout, metadata)
             return decode_outputs(response, shared_memory)
 
     def register_shared_memory(self, region: SharedMemoryRegion) -> None:
-        """Let the daemon map ``region`` (it must run on this device)."""
-        request = inference_pb2.RegisterSharedMemoryRequest(
-            name=region.name, key=region.key, offset=0, byte_size=region.byte_size
-        )
-        self._call(self._stub.RegisterSharedMemory, request, None)
+        """Let the daemon use ``region`` (same device, Unix socket, an object this user owns)."""
+        metadata = self._shm_metadata()
+        self._call(self._stub.RegisterSharedMemory, _register_request(region), None, metadata)
         region.registered = True
 
-    def unregister_shared_memory(self, region: SharedMemoryRegion | None = None) -> None:
-        """Ask the daemon to unmap ``region`` (or every region, when None)."""
-        request = inference_pb2.UnregisterSharedMemoryRequest(name=region.name if region else "")
-        self._call(self._stub.UnregisterSharedMemory, request, None)
-        if region is not None:
-            region.registered = False
+    def unregister_shared_memory(self, region: SharedMemoryRegion) -> None:
+        """Ask the daemon to forget ``region``."""
+        request = inference_pb2.UnregisterSharedMemoryRequest(name=region.name)
+        self._call(self._stub.UnregisterSharedMemory, request, None, self._shm_metadata())
+        region.registered = False
+
+    def list_shared_memory(self) -> list[str]:
+        """Names of the regions this user has registered (nobody sees another user's)."""
+        request = inference_pb2.ListSharedMemoryRequest()
+        return _region_names(
+            self._call(self._stub.ListSharedMemory, request, None, self._shm_metadata())
+        )
 
     def stream(
         self,
@@ -613,6 +713,8 @@ class AsyncClient:
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
         )
         self._ids = itertools.count(1)
+        self._shm_lock = asyncio.Lock()
+        self._token: str | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -623,11 +725,23 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    async def _call(
+        self, method: Any, request: Any, timeout: float | None, metadata: Any = None
+    ) -> Any:
         try:
-            return await method(request, timeout=timeout if timeout is not None else self.timeout)
+            return await method(
+                request,
+                timeout=timeout if timeout is not None else self.timeout,
+                metadata=metadata,
+            )
         except grpc.RpcError as error:
             raise EdgeInferError.from_rpc(error) from None
+
+    async def _shm_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The peer-token metadata of shared-memory calls (fetched once per client)."""
+        if self._token is None:
+            self._token = await peer_token_async(self.address)
+        return _token_metadata(self._token)
 
     async def predict(
         self,
@@ -638,9 +752,39 @@ class AsyncClient:
         outputs: Iterable[str] = (),
         request_id: str = "",
         timeout: float | None = None,
+        shared_memory: SharedMemoryRegion | None = None,
+        outputs_in_shared_memory: bool = False,
     ) -> Outputs:
-        request = build_request(model, inputs, version, request_id, outputs)
-        return decode_outputs(await self._call(self._stub.Predict, request, timeout))
+        """Run one request; shared memory works as in ``Client.predict``."""
+        if shared_memory is None:
+            request = build_request(model, inputs, version, request_id, outputs)
+            return decode_outputs(await self._call(self._stub.Predict, request, timeout))
+        metadata = await self._shm_metadata()
+        async with self._shm_lock:  # one call at a time may use a region's bytes
+            request = build_shm_request(
+                model, inputs, shared_memory, version, request_id, outputs, outputs_in_shared_memory
+            )
+            response = await self._call(self._stub.Predict, request, timeout, metadata)
+            return decode_outputs(response, shared_memory)
+
+    async def register_shared_memory(self, region: SharedMemoryRegion) -> None:
+        """Let the daemon use ``region`` (same device, Unix socket, an object this user owns)."""
+        metadata = await self._shm_metadata()
+        await self._call(self._stub.RegisterSharedMemory, _register_request(region), None, metadata)
+        region.registered = True
+
+    async def unregister_shared_memory(self, region: SharedMemoryRegion) -> None:
+        """Ask the daemon to forget ``region``."""
+        request = inference_pb2.UnregisterSharedMemoryRequest(name=region.name)
+        metadata = await self._shm_metadata()
+        await self._call(self._stub.UnregisterSharedMemory, request, None, metadata)
+        region.registered = False
+
+    async def list_shared_memory(self) -> list[str]:
+        """Names of the regions this user has registered (nobody sees another user's)."""
+        request = inference_pb2.ListSharedMemoryRequest()
+        metadata = await self._shm_metadata()
+        return _region_names(await self._call(self._stub.ListSharedMemory, request, None, metadata))
 
     async def stream(
         self,

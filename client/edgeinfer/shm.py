@@ -65,7 +65,7 @@ class SharedMemoryRegion:
         self.close()
 
     def close(self) -> None:
-        """Unmap and unlink the object (the daemon keeps its own mapping until unregistered)."""
+        """Unmap and unlink the object (the daemon holds neither a mapping nor a descriptor)."""
         self._mapping.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(SHM_ROOT / self.name)

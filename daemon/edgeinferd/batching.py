@@ -270,6 +270,7 @@ class Batcher:
             results = ModelExecutionError(
                 f"model {self.config.name!r} failed: {type(error).__name__}"
             )
+            results.__cause__ = error  # the data plane logs it with its traceback
         self._post(self._deliver, calls, results, started, time.perf_counter())
 
     def _run_calls(self, calls: list[QueuedCall]) -> list[list[np.ndarray]]:

@@ -27,6 +27,7 @@ from edgeinferd.config import DaemonConfig, load_config, with_overrides
 from edgeinferd.errors import EdgeInferError
 from edgeinferd.logs import configure_logging
 from edgeinferd.systemd import SystemdNotifier
+from edgeinferd.tasks import spawn
 
 log = structlog.get_logger("edgeinferd")
 
@@ -119,8 +120,7 @@ async def serve(config: DaemonConfig, reread: Callable[[], DaemonConfig] | None 
         server.close()
 
     def on_reload_signal() -> None:
-        task = asyncio.ensure_future(server.reload())
-        task.add_done_callback(lambda t: t.exception())
+        spawn(server.reload(), "reload")
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal, signum)

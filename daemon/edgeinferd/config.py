@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from edgeinferd.errors import ConfigError
 from edgeinferd.toml_fields import Table, load_toml
 
 DEFAULT_SOCKET = "/run/edgeinfer/edgeinfer.sock"
@@ -170,6 +171,9 @@ def with_overrides(
     if unix is not None:
         listen = replace(listen, unix=unix.resolve())
     if tcp is not None:
+        host, sep, port = tcp.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError("--tcp", "", f"expected 'host:port' (port 0-65535), got {tcp!r}")
         listen = replace(listen, tcp=tcp)
     return replace(
         config,

@@ -23,8 +23,9 @@ from edgeinferd.generation import params as generation_params
 from edgeinferd.generation.chat import Message
 from edgeinferd.generation.params import Sampling
 from edgeinferd.generation.sequence import GenerationEvent
-from edgeinferd.metrics import Metrics
+from edgeinferd.metrics import UNKNOWN_MODEL, Metrics
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelManager
+from edgeinferd.peers import PeerTokens
 from edgeinferd.repository import ModelConfig, check_model_name
 from edgeinferd.shm import SharedMemoryRegistry
 
@@ -85,6 +86,9 @@ class Caller:
     """What the data plane may know about who is calling."""
 
     via_unix_socket: bool = True
+    #: The kernel-attested uid of a Unix-socket caller that presented its peer token
+    #: (``edgeinferd.peers``); None for TCP callers and callers without a token.
+    uid: int | None = None
 
 
 class DataPlane:
@@ -93,6 +97,8 @@ class DataPlane:
         self.management = management
         #: Regions callers registered for tensors in shared memory (every protocol uses these).
         self.shared_memory = SharedMemoryRegistry()
+        #: Tokens that stand for the uids of Unix-socket callers (they own regions).
+        self.peers = PeerTokens()
         self.metrics = Metrics()
         #: Set when a graceful stop begins: live, but no longer ready for new work.
         self.draining = False
@@ -121,6 +127,7 @@ class DataPlane:
         (after counting) for a call that cannot be queued.
         """
         started = time.perf_counter()
+        loaded: LoadedVersion | None = None
         try:
             loaded = self.models.serving(request.model, request.version)
             _, batcher = loaded.predictor()
@@ -128,12 +135,31 @@ class DataPlane:
             wanted = select_outputs(loaded.config, request.outputs)
             queued = batcher.enqueue(arrays, request.deadline)
         except Exception as error:
-            self.metrics.record(
-                request.model, request.version, error, time.perf_counter() - started
-            )
+            model, version = self._counted_as(request, loaded)
+            self.metrics.record(model, version, error, time.perf_counter() - started)
             raise
         self.metrics.in_flight += 1
         return PendingInference(request, loaded, wanted, queued, started)
+
+    def count_refusal(self, model: str, version: str, error: BaseException) -> None:
+        """Count a call an adapter refused before ``start`` (under a bounded key)."""
+        key = InferenceRequest(model=model, inputs={}, version=version)
+        self.metrics.record(*self._counted_as(key, None), error, 0.0)
+
+    def _counted_as(
+        self, request: InferenceRequest, loaded: LoadedVersion | None
+    ) -> tuple[str, str]:
+        """The metrics key of a call that failed before it was queued.
+
+        Never the strings the caller sent: a model and version that serve, a
+        known model with no version (a wrong or missing one), or one bucket
+        for every unknown or invalid name. So callers cannot grow the stats.
+        """
+        if loaded is not None:
+            return loaded.config.name, loaded.version
+        if self.models.known(request.model):
+            return request.model, ""
+        return UNKNOWN_MODEL, ""
 
     def _finish(self, pending: PendingInference) -> InferenceResponse:
         """The answer to a started call whose future is done; raises its error."""
@@ -149,14 +175,15 @@ class DataPlane:
         if error is not None:
             self.metrics.record(request.model, loaded.version, error, elapsed)
             if isinstance(error, ModelExecutionError):
+                # The traceback of the model's own exception (the cause), with the request id.
                 log.error(
                     "forward pass failed",
                     model=request.model,
                     version=loaded.version,
-                    request_id=request.id,
+                    request_id=request.id[:128],
                     duration_ms=round(elapsed * 1000, 3),
                     error=str(error),
-                    cause=repr(error.__cause__) if error.__cause__ else None,
+                    exc_info=error.__cause__ or error,
                 )
             raise error
         completed = future.result()

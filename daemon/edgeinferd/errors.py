@@ -1,10 +1,14 @@
 """Typed errors of the data plane, free of any transport.
 
-Each protocol adapter maps these to its status codes in one table
-(``edgeinferd.protocol.status``); nothing else decides a status code.
+``STATUS_NAMES`` at the end is the one table from an error to its status,
+named as gRPC names its codes; the gRPC adapter turns the names into codes
+(``edgeinferd.protocol.status``) and metrics count by the same names, so no
+part of the data plane needs grpc to be imported.
 """
 
 from __future__ import annotations
+
+from edgeinfer.tensors import TensorError
 
 
 class EdgeInferError(Exception):
@@ -52,3 +56,30 @@ class ConfigError(EdgeInferError):
         self.problem = problem
         where = f"{file}: {field}: " if field else f"{file}: "
         super().__init__(where + problem)
+
+
+#: Every typed error's status, by gRPC code name; anything else is INTERNAL.
+STATUS_NAMES: dict[type[Exception], str] = {
+    InvalidInput: "INVALID_ARGUMENT",
+    TensorError: "INVALID_ARGUMENT",
+    ModelNotFound: "NOT_FOUND",
+    ModelNotReady: "UNAVAILABLE",
+    Overloaded: "RESOURCE_EXHAUSTED",
+    DeadlineExceeded: "DEADLINE_EXCEEDED",
+    Cancelled: "CANCELLED",
+    PermissionDenied: "PERMISSION_DENIED",
+    ModelExecutionError: "INTERNAL",
+    # A model whose files are wrong cannot be loaded until someone fixes them.
+    ConfigError: "FAILED_PRECONDITION",
+}
+
+
+def status_name(error: BaseException | None) -> str:
+    """The status name of an outcome: OK, the table's name, or INTERNAL."""
+    if error is None:
+        return "OK"
+    for kind in type(error).__mro__:
+        name = STATUS_NAMES.get(kind)
+        if name is not None:
+            return name
+    return "INTERNAL"

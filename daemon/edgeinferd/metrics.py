@@ -8,16 +8,18 @@ operators see the same vocabulary as callers.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import os
 import resource
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from edgeinferd.protocol.status import GRPC_CODES
+from edgeinferd.errors import status_name
 
 if TYPE_CHECKING:
     from edgeinferd.models import ModelManager
@@ -28,6 +30,12 @@ LATENCY_BUCKETS = (
     1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 PHASES = ("queue", "compute", "total")
+#: The one bucket for calls naming a model that does not exist or a name that is
+#: invalid (no model name can contain parentheses).
+UNKNOWN_MODEL = "(unknown)"
+#: Keys kept at most; beyond it calls are counted in the unknown bucket. The data
+#: plane already keys only by served models, this is the backstop.
+MAX_KEYS = 4096
 
 
 @dataclass
@@ -54,16 +62,6 @@ class ModelCounters:
     latency: dict[str, Histogram] = field(default_factory=lambda: {p: Histogram() for p in PHASES})
 
 
-def status_name(error: BaseException | None) -> str:
-    if error is None:
-        return "OK"
-    for kind in type(error).__mro__:
-        code = GRPC_CODES.get(kind)
-        if code is not None:
-            return str(code.name)
-    return "INTERNAL"
-
-
 class Metrics:
     def __init__(self) -> None:
         self.started = time.monotonic()
@@ -81,7 +79,11 @@ class Metrics:
     ) -> None:
         counters = self.models.get((model, version))
         if counters is None:
-            counters = self.models[(model, version)] = ModelCounters()
+            if len(self.models) >= MAX_KEYS:
+                model, version = UNKNOWN_MODEL, ""
+                counters = self.models.get((model, version))
+            if counters is None:
+                counters = self.models[(model, version)] = ModelCounters()
         counters.requests[status_name(error)] += 1
         if error is None:
             counters.latency["total"].observe(total_s)
@@ -174,12 +176,93 @@ class PrometheusCollector:
         )
 
 
-def start_metrics_server(address: str, metrics: Metrics, models: ModelManager) -> None:
-    """Serve /metrics on ``host:port`` from a background thread (prometheus-client's server)."""
-    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+#: HTTP connections served at once; more are closed at once (a scrape is one connection).
+MAX_METRICS_CONNECTIONS = 16
+#: Seconds a connection may take to send its request and read the answer.
+METRICS_TIMEOUT_S = 5.0
+#: Longest request head accepted, in bytes.
+MAX_REQUEST_HEAD = 8192
 
-    registry = CollectorRegistry()
-    registry.register(PrometheusCollector(metrics, models))
-    ProcessCollector(registry=registry)
-    host, _, port = address.rpartition(":")
-    start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+
+class MetricsEndpoint:
+    """/metrics over HTTP from the event loop: no thread per connection.
+
+    prometheus-client's own server starts a thread for every connection, so
+    300 half-sent requests made 300 threads. Here a connection is a coroutine,
+    at most ``MAX_METRICS_CONNECTIONS`` of them, each with a deadline; the
+    exposition text is built on one worker thread, never on the loop.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        models: ModelManager,
+        max_connections: int = MAX_METRICS_CONNECTIONS,
+        timeout_s: float = METRICS_TIMEOUT_S,
+    ) -> None:
+        from prometheus_client import CollectorRegistry, ProcessCollector
+
+        self.registry = CollectorRegistry()
+        self.registry.register(PrometheusCollector(metrics, models))
+        ProcessCollector(registry=self.registry)
+        self.max_connections = max_connections
+        self.timeout_s = timeout_s
+        self.open_connections = 0
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="metrics")
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        self._server = await asyncio.start_server(
+            self._serve, host.strip("[]"), int(port), limit=MAX_REQUEST_HEAD
+        )
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open_connections >= self.max_connections:
+            writer.close()
+            return
+        self.open_connections += 1
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                head = await reader.readuntil(b"\r\n\r\n")
+                parts = head.split(b"\r\n", 1)[0].split()
+                path = parts[1].split(b"?")[0] if len(parts) == 3 else b""
+                if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
+                    status, body, kind = b"405 Method Not Allowed", b"GET /metrics only\n", b""
+                elif path not in (b"/metrics", b"/"):
+                    status, body, kind = b"404 Not Found", b"GET /metrics only\n", b""
+                else:
+                    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+                    loop = asyncio.get_running_loop()
+                    body = await loop.run_in_executor(
+                        self._executor, generate_latest, self.registry
+                    )
+                    status, kind = b"200 OK", CONTENT_TYPE_LATEST.encode()
+                writer.write(
+                    b"HTTP/1.1 " + status + b"\r\nContent-Type: " + (kind or b"text/plain")
+                    + b"\r\nContent-Length: " + str(len(body)).encode()
+                    + b"\r\nConnection: close\r\n\r\n"
+                    + (b"" if parts[:1] == [b"HEAD"] else body)
+                )  # fmt: skip
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass  # a slow, truncated or oversized request: the connection is dropped
+        finally:
+            self.open_connections -= 1
+            writer.close()
+
+
+async def start_metrics_server(
+    address: str, metrics: Metrics, models: ModelManager
+) -> MetricsEndpoint:
+    """Serve /metrics on ``host:port`` from the event loop (see MetricsEndpoint)."""
+    endpoint = MetricsEndpoint(metrics, models)
+    await endpoint.start(address)
+    return endpoint

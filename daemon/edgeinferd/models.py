@@ -30,6 +30,7 @@ from edgeinferd.generation.engine import GenerationEngine
 from edgeinferd.generation.model import LanguageModel, load_language_model
 from edgeinferd.repository import ModelConfig, Repository, VersionFiles, check_model_name
 from edgeinferd.runtime import Runner, load_runner
+from edgeinferd.tasks import log_failure
 
 log = structlog.get_logger("edgeinferd.models")
 
@@ -114,6 +115,10 @@ class ModelManager:
         for name in self.repository.model_names():
             self._entries.setdefault(name, ModelEntry(name, ModelState.UNLOADED))
         return [self._entries[name] for name in sorted(self._entries)]
+
+    def known(self, name: str) -> bool:
+        """Whether ``name`` is a model this manager has an entry for (never creates one)."""
+        return name in self._entries
 
     def entry(self, name: str) -> ModelEntry:
         check_model_name(name)
@@ -293,6 +298,7 @@ class ModelManager:
         task = asyncio.create_task(previous.close())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        task.add_done_callback(log_failure)
 
 
 def _load_language_model(config: ModelConfig, files: VersionFiles) -> LanguageModel:

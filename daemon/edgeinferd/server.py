@@ -13,6 +13,7 @@ import errno
 import grp
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +28,15 @@ from edgeinferd.config import DaemonConfig
 from edgeinferd.dataplane import DataPlane
 from edgeinferd.errors import EdgeInferError
 from edgeinferd.logs import set_level
-from edgeinferd.metrics import start_metrics_server
+from edgeinferd.metrics import MetricsEndpoint, start_metrics_server
 from edgeinferd.models import ModelEntry, ModelManager, ModelState
+from edgeinferd.peers import CredentialsServer, credentials_path
 from edgeinferd.protocol import add_services
-from edgeinferd.protocol.malformed import RefuseMalformed
+from edgeinferd.protocol.boundary import ErrorBoundary
 from edgeinferd.reconfigure import reconfigure
 from edgeinferd.repository import Repository
 from edgeinferd.systemd import SystemdNotifier
+from edgeinferd.tasks import spawn
 
 log = structlog.get_logger("edgeinferd.server")
 
@@ -66,6 +69,8 @@ class Server:
         self._server: grpc.aio.Server | None = None
         self._closed = asyncio.Event()
         self._closing: asyncio.Task[None] | None = None
+        self.credentials = CredentialsServer(self.dataplane.peers)
+        self._metrics: MetricsEndpoint | None = None
 
     @property
     def addresses(self) -> list[str]:
@@ -95,7 +100,7 @@ class Server:
             ("grpc.max_send_message_length", listen.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=options, interceptors=[RefuseMalformed()])
+        server = grpc.aio.server(options=options, interceptors=[ErrorBoundary()])
         service_names = add_services(server, self.dataplane)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         service_names += [
@@ -105,15 +110,22 @@ class Server:
         reflection.enable_server_reflection(service_names, server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
 
+        root = self.config.repository
+        if not root.is_dir():
+            what = "is not a folder" if root.exists() else "does not exist"
+            raise StartupError(f"model repository {root} {what}")
         await self.models.load_all()
 
         if listen.unix is not None:
             self._bind_unix(server, listen.unix)
+            await self.credentials.start(
+                credentials_path(listen.unix), listen.unix_mode, self._unix_gid()
+            )
         if listen.tcp is not None:
             self.tcp_port = self._bind_tcp(server, listen.tcp)
         if self.config.metrics_listen is not None:
             try:
-                start_metrics_server(
+                self._metrics = await start_metrics_server(
                     self.config.metrics_listen, self.dataplane.metrics, self.models
                 )
             except OSError as error:
@@ -127,12 +139,18 @@ class Server:
         # Only now: sockets listen and every model is loaded and warmed up.
         self._ready = True
         self.notifier.ready(self.status_line())
-        self._watchdog = asyncio.create_task(self.notifier.run_watchdog(), name="watchdog")
+        self._watchdog = spawn(self.notifier.run_watchdog(), "watchdog")
 
     def _bind_unix(self, server: grpc.aio.Server, path: Path) -> None:
+        if path.parent.exists() and not path.parent.is_dir():
+            raise StartupError(f"cannot listen on unix:{path}: {path.parent} is not a folder")
+        try:
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as error:
+            raise StartupError(
+                f"cannot create the socket folder {path.parent}: {error.strerror}"
+            ) from None
         _refuse_live_socket(path)
-        if not path.parent.exists():
-            path.parent.mkdir(mode=0o750, parents=True)
         # The socket is created under the umask: make it no wider than asked,
         # so there is no moment when others could connect.
         old_umask = os.umask(0o777 & ~self.config.listen.unix_mode)
@@ -143,12 +161,23 @@ class Server:
         finally:
             os.umask(old_umask)
         os.chmod(path, self.config.listen.unix_mode)
-        group = self.config.listen.unix_group
-        if group is not None:
+        gid = self._unix_gid()
+        if gid is not None:
             try:
-                os.chown(path, -1, grp.getgrnam(group).gr_gid)
-            except (KeyError, PermissionError) as error:
-                raise StartupError(f"cannot give {path} to group {group!r}: {error}") from None
+                os.chown(path, -1, gid)
+            except PermissionError as error:
+                raise StartupError(f"cannot give {path} to its group: {error}") from None
+
+    def _unix_gid(self) -> int | None:
+        group = self.config.listen.unix_group
+        if group is None:
+            return None
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartupError(
+                f"cannot give the socket to group {group!r}: no such group"
+            ) from None
 
     def _bind_tcp(self, server: grpc.aio.Server, address: str) -> int:
         tls = self.config.listen.tls
@@ -161,6 +190,7 @@ class Server:
                     ca = tls.client_ca.read_bytes() if tls.client_ca else None
                 except OSError as error:
                     raise StartupError(f"cannot read TLS file: {error}") from None
+                _check_tls(tls.cert, tls.key, tls.client_ca)
                 credentials = grpc.ssl_server_credentials(
                     [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
                 )
@@ -176,8 +206,8 @@ class Server:
         if self._closing is None:
             self.notifier.stopping()
             self.dataplane.draining = True
-            self._closing = asyncio.create_task(
-                self._close(self.config.grace_period_s if grace is None else grace)
+            self._closing = spawn(
+                self._close(self.config.grace_period_s if grace is None else grace), "close"
             )
 
     async def wait_closed(self) -> None:
@@ -190,6 +220,10 @@ class Server:
                 await self._server.stop(grace)
             await self.models.close()
         finally:
+            await self.credentials.close()
+            if self._metrics is not None:
+                await self._metrics.close()
+            self.dataplane.shared_memory.clear()
             if self._watchdog is not None:
                 self._watchdog.cancel()
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -239,8 +273,26 @@ class Server:
             if entry.state is ModelState.READY
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        task = asyncio.ensure_future(self.health.set(entry.name, status))
-        task.add_done_callback(lambda t: t.exception())
+        spawn(self.health.set(entry.name, status), f"health {entry.name}")
+
+
+def _check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Name the TLS file that is wrong; gRPC only says "Failed to bind to address"."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as error:
+        raise StartupError(
+            f"TLS certificate {cert} and key {key} do not load as a PEM certificate chain"
+            f" and its private key: {error.reason or error}"
+        ) from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as error:
+            raise StartupError(
+                f"TLS client CA {client_ca} is not a PEM certificate: {error.reason or error}"
+            ) from None
 
 
 def _refuse_live_socket(path: Path) -> None:

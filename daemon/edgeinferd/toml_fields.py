@@ -28,6 +28,10 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "", f"cannot be read: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(str(path), "", f"invalid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            str(path), "", f"is not UTF-8 text (byte {error.start} cannot be decoded)"
+        ) from None
 
 
 class Table:

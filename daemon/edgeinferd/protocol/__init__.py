@@ -5,14 +5,10 @@ Every gRPC service the daemon serves is registered here, over one data plane.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import grpc
 
 from edgeinfer.v1 import inference_pb2, inference_pb2_grpc
-
-if TYPE_CHECKING:  # the data plane imports protocol.status; avoid the cycle at run time
-    from edgeinferd.dataplane import DataPlane
+from edgeinferd.dataplane import DataPlane
 
 
 def add_services(server: grpc.aio.Server, dataplane: DataPlane) -> list[str]:

@@ -43,9 +43,9 @@ from edgeinferd.dataplane import (
 from edgeinferd.errors import EdgeInferError, InvalidInput
 from edgeinferd.metrics import Metrics
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelState
-from edgeinferd.protocol.status import abort_with, status_for
+from edgeinferd.protocol.status import status_for
 from edgeinferd.protocol.streams import answer_in_order
-from edgeinferd.protocol.v1 import caller_of
+from edgeinferd.protocol.v1 import EXTRA_INPUTS, caller_of
 from edgeinferd.repository import ModelConfig
 
 if TYPE_CHECKING:
@@ -109,6 +109,8 @@ PLATFORMS = {"torchscript": "pytorch_libtorch", "exported_program": "pytorch_exp
 #: a different question than the one asked, so they are refused.
 SHARED_MEMORY_PARAMETER = "shared_memory_region"
 CLASSIFICATION_PARAMETER = "classification"
+#: Set on the ``infer_response`` of a failed stream answer: the gRPC code name.
+STREAM_STATUS_PARAMETER = "edgeinfer_status"
 #: Repository-load parameters that would load something other than what is on disk.
 LOAD_OVERRIDE_PARAMETERS = ("config",)
 
@@ -138,6 +140,12 @@ def decode_request(
 
 def decode_inputs(message: pb.ModelInferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
     """Decode every input from raw buffers or typed contents, without copying raw ones."""
+    if len(message.inputs) > len(config.inputs) + EXTRA_INPUTS:
+        # Refused before any tensor is decoded (see edgeinferd.protocol.v1.decode_request).
+        raise InvalidInput(
+            f"the request has {len(message.inputs)} input tensors; model {config.name!r}"
+            f" takes {len(config.inputs)}"
+        )
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
         raise InvalidInput(
@@ -406,44 +414,32 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        try:
-            return model_metadata(self.dataplane.serving(request.name, request.version))
-        except Exception as error:
-            await abort_with(context, error)
+        return model_metadata(self.dataplane.serving(request.name, request.version))
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
-        try:
-            loaded = self.dataplane.serving(request.name, request.version)
-            return pb.ModelConfigResponse(config=model_config(loaded))
-        except Exception as error:
-            await abort_with(context, error)
+        loaded = self.dataplane.serving(request.name, request.version)
+        return pb.ModelConfigResponse(config=model_config(loaded))
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        try:
-            if request.name:
-                loaded = [self.dataplane.serving(request.name, request.version)]
-            else:
-                entries = self.dataplane.list_models()
-                loaded = [e.serving for e in entries if e.serving is not None]
-            return pb.ModelStatisticsResponse(
-                model_stats=[model_statistics(v, self.dataplane.metrics) for v in loaded]
-            )
-        except Exception as error:
-            await abort_with(context, error)
+        if request.name:
+            loaded = [self.dataplane.serving(request.name, request.version)]
+        else:
+            entries = self.dataplane.list_models()
+            loaded = [e.serving for e in entries if e.serving is not None]
+        return pb.ModelStatisticsResponse(
+            model_stats=[model_statistics(v, self.dataplane.metrics) for v in loaded]
+        )
 
     # -- inference -------------------------------------------------------------
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
-        try:
-            return await self._respond(request, context.time_remaining())
-        except Exception as error:
-            await abort_with(context, error, request.id)
+        return await self._respond(request, context.time_remaining())
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -459,8 +455,8 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 response = await self._respond(message, context.time_remaining())
                 return pb.ModelStreamInferResponse(infer_response=response)
             except Exception as error:
-                _, text = status_for(error, message.id)
-                return pb.ModelStreamInferResponse(
+                code, text = status_for(error, message.id)
+                answer = pb.ModelStreamInferResponse(
                     error_message=text,
                     infer_response=pb.ModelInferResponse(
                         model_name=message.model_name,
@@ -468,6 +464,10 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                         id=message.id,
                     ),
                 )
+                # V2 streams carry only a message; the code rides along as a parameter
+                # (clients that do not know it ignore it).
+                answer.infer_response.parameters[STREAM_STATUS_PARAMETER].string_param = code.name
+                return answer
 
         def cancel(task: asyncio.Task[pb.ModelStreamInferResponse]) -> None:
             task.cancel()
@@ -478,6 +478,7 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             start=lambda message: asyncio.ensure_future(one(message)),
             finish=lambda task: task,
             abandon=cancel,
+            size=lambda message: message.ByteSize(),
         ):
             yield answer
 
@@ -494,26 +495,24 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        try:
-            for key in request.parameters:
-                if key in LOAD_OVERRIDE_PARAMETERS or key.startswith("file:"):
-                    raise InvalidInput(
-                        f"load parameter {key!r} is not supported: edgeinferd loads what is in"
-                        " the model repository (its config.toml and version folders) only"
-                    )
-            await self.dataplane.load_model(request.model_name, caller_of(context))
-            return pb.RepositoryModelLoadResponse()
-        except Exception as error:
-            await abort_with(context, error)
+        for key in request.parameters:
+            if key in LOAD_OVERRIDE_PARAMETERS or key.startswith("file:"):
+                raise InvalidInput(
+                    f"load parameter {key!r} is not supported: edgeinferd loads what is in"
+                    " the model repository (its config.toml and version folders) only"
+                )
+        await self.dataplane.load_model(
+            request.model_name, caller_of(context, self.dataplane.peers)
+        )
+        return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        try:
-            await self.dataplane.unload_model(request.model_name, caller_of(context))
-            return pb.RepositoryModelUnloadResponse()
-        except Exception as error:
-            await abort_with(context, error)
+        await self.dataplane.unload_model(
+            request.model_name, caller_of(context, self.dataplane.peers)
+        )
+        return pb.RepositoryModelUnloadResponse()
 
     # -- not served ----------------------------------------------------------------
 

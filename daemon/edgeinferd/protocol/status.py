@@ -6,28 +6,19 @@ with the request id, logged with its traceback, never shown to the caller.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Never
 
 import grpc
 import structlog
 
-from edgeinfer.tensors import TensorError
 from edgeinferd import errors
 
 log = structlog.get_logger("edgeinferd.protocol")
 
+#: ``errors.STATUS_NAMES`` (the one table) with the names turned into gRPC codes.
 GRPC_CODES: dict[type[Exception], grpc.StatusCode] = {
-    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    TensorError: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.ModelNotReady: grpc.StatusCode.UNAVAILABLE,
-    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Cancelled: grpc.StatusCode.CANCELLED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.ModelExecutionError: grpc.StatusCode.INTERNAL,
-    # A model whose files are wrong cannot be loaded until someone fixes them.
-    errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+    kind: grpc.StatusCode[name] for kind, name in errors.STATUS_NAMES.items()
 }
 
 
@@ -47,9 +38,14 @@ def status_for(error: BaseException, request_id: str = "") -> tuple[grpc.StatusC
             if len(message) > MAX_MESSAGE_CHARS:
                 message = message[: MAX_MESSAGE_CHARS - 3] + "..."
             return code, message
-    log.exception("unexpected error", request_id=request_id, exc_info=error)
-    suffix = f" (request id {request_id!r})" if request_id else ""
-    return grpc.StatusCode.INTERNAL, f"internal error{suffix}; the daemon's log has the details"
+    # A call without an id of its own gets one, so that the caller's message and
+    # the log's traceback can be matched.
+    request_id = request_id or "edgeinferd-" + secrets.token_hex(6)
+    log.error("unexpected error", request_id=request_id[:128], exc_info=error)
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"internal error (request id {request_id[:128]!r}); the daemon's log has the details",
+    )
 
 
 async def abort_with(context: Any, error: BaseException, request_id: str = "") -> Never:

@@ -13,6 +13,7 @@ share of a stream message is what limits a small model's message rate.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -22,6 +23,11 @@ Answer = TypeVar("Answer")
 
 #: Messages of one stream being worked on at once; reading pauses beyond it.
 STREAM_PIPELINE_DEPTH = 64
+#: Bytes of request messages of one stream being worked on at once; reading pauses
+#: beyond it too, so a stream whose answers are never read holds this much, not
+#: 64 messages of whatever size. A single larger message (up to the transport's
+#: message limit) still runs, alone.
+STREAM_PIPELINE_BYTES = 16 << 20
 
 
 class _End:
@@ -37,6 +43,8 @@ async def answer_in_order(
     finish: Callable[[Started], Awaitable[Answer]],
     abandon: Callable[[Started], None],
     depth: int = STREAM_PIPELINE_DEPTH,
+    size: Callable[[Request], int] | None = None,
+    max_bytes: int = STREAM_PIPELINE_BYTES,
 ) -> AsyncIterator[Answer]:
     """Yield ``await finish(start(message))`` for each message, in order, ``depth`` ahead.
 
@@ -46,33 +54,55 @@ async def answer_in_order(
     ends the stream after the messages before it are answered. Closing the
     iterator (the caller went away) stops the reader and hands every message
     started but not finished to ``abandon``, so nothing is left running.
+    With ``size``, messages also wait until their bytes fit ``max_bytes`` (or
+    nothing else is in flight).
     """
     slots = asyncio.Semaphore(depth)
+    room = asyncio.Condition()
+    held = 0
     # Unbounded: the semaphore bounds it, and the reader can always post its end marker.
-    pending: asyncio.Queue[Started | _End] = asyncio.Queue()
+    pending: asyncio.Queue[tuple[Started, int] | _End] = asyncio.Queue()
+
+    def fits(nbytes: int) -> bool:
+        return held == 0 or held + nbytes <= max_bytes
 
     async def read() -> None:
+        nonlocal held
         try:
             async for message in requests:
                 await slots.acquire()
-                pending.put_nowait(start(message))
+                nbytes = size(message) if size is not None else 0
+                if nbytes:
+                    async with room:
+                        await room.wait_for(functools.partial(fits, nbytes))
+                        held += nbytes
+                pending.put_nowait((start(message), nbytes))
         finally:
             pending.put_nowait(_END)
 
+    async def release(nbytes: int) -> None:
+        nonlocal held
+        slots.release()
+        if nbytes:
+            async with room:
+                held -= nbytes
+                room.notify_all()
+
     reader = asyncio.create_task(read())
-    current: Started | _End = _END
+    current: tuple[Started, int] | _End = _END
     try:
         while not isinstance(current := await pending.get(), _End):
-            answer = await finish(current)
+            started, nbytes = current
+            answer = await finish(started)
             current = _END
-            slots.release()
+            await release(nbytes)
             yield answer
         await reader  # surfaces a transport error from reading
     finally:
         reader.cancel()
         if not isinstance(current, _End):
-            abandon(current)
+            abandon(current[0])
         while not pending.empty():
             leftover = pending.get_nowait()
             if not isinstance(leftover, _End):
-                abandon(leftover)
+                abandon(leftover[0])

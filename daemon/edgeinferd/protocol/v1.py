@@ -36,17 +36,34 @@ from edgeinferd.generation.params import Sampling
 from edgeinferd.generation.sequence import GenerationChunk, GenerationEvent
 from edgeinferd.metrics import resident_memory_bytes
 from edgeinferd.models import ModelEntry
+from edgeinferd.peers import TOKEN_METADATA, PeerTokens
 from edgeinferd.protocol.status import abort_with, status_for
 from edgeinferd.protocol.streams import answer_in_order
 from edgeinferd.shm import SharedMemoryRegistry
+
+#: Tensors beyond the model's inputs that are still decoded one by one, so that the
+#: message can name the unknown or repeated one; more are refused by count alone.
+EXTRA_INPUTS = 8
 
 _STATES = {"READY": pb.READY, "LOADING": pb.LOADING, "FAILED": pb.FAILED, "UNLOADED": pb.UNLOADED}
 
 
 def decode_request(
-    message: pb.PredictRequest, time_remaining: float | None, shm: SharedMemoryRegistry
+    message: pb.PredictRequest,
+    time_remaining: float | None,
+    shm: SharedMemoryRegistry,
+    caller: Caller | None = None,
+    expected_inputs: int | None = None,
 ) -> InferenceRequest:
     inputs = {}
+    if expected_inputs is not None and len(message.inputs) > expected_inputs + EXTRA_INPUTS:
+        # Refused before any tensor is decoded: 200,000 tiny tensors cost the event loop
+        # a second to decode only to be refused afterwards. A few extra ones still get
+        # the precise message (which tensor is unknown or twice) from the loop below.
+        raise InvalidInput(
+            f"the request has {len(message.inputs)} input tensors; model {message.model[:64]!r}"
+            f" takes {expected_inputs}"
+        )
     for tensor in message.inputs:
         if not tensor.name:
             raise InvalidInput("an input tensor has an empty name")
@@ -54,7 +71,9 @@ def decode_request(
             raise InvalidInput(f"input {tensor.name!r} appears twice")
         if tensor.HasField("shared_memory"):
             ref = tensor.shared_memory
-            data = shm.get(ref.region).slice(ref.offset, ref.byte_size, f"input {tensor.name!r}")
+            uid = caller.uid if caller is not None else None
+            what = f"input {tensor.name!r}"
+            data = shm.read(uid, ref.region, ref.offset, ref.byte_size, what)
             try:
                 inputs[tensor.name] = from_bytes(tensor.dtype, tuple(tensor.shape), data)
             except TensorError as error:
@@ -73,6 +92,7 @@ def decode_request(
 
 def write_to_shared_memory(
     shm: SharedMemoryRegistry,
+    uid: int | None,
     name: str,
     array: np.ndarray,
     target: tensor_pb2.SharedMemoryRef,
@@ -86,8 +106,8 @@ def write_to_shared_memory(
             f"output {name!r} needs {array.nbytes} bytes;"
             f" its shared-memory slice has {target.byte_size}"
         )
-    view = shm.get(target.region).slice(target.offset, array.nbytes, f"output {name!r}")
-    view[:] = array.reshape(-1).view(np.uint8).data
+    data = array.reshape(-1).view(np.uint8).data
+    shm.write(uid, target.region, target.offset, data, f"output {name!r}")
     tensor.name = name
     tensor.dtype = code  # type: ignore[assignment]
     tensor.shape.extend(array.shape)
@@ -215,21 +235,41 @@ class _StreamMessage(NamedTuple):
     started: PendingInference | Exception
 
 
-def caller_of(context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
-    return Caller(via_unix_socket=context.peer().startswith("unix:"))
+def caller_of(context: grpc.aio.ServicerContext[Any, Any], peers: PeerTokens) -> Caller:
+    """Who is calling: the transport, and for Unix-socket callers with a token, the uid."""
+    via_unix = context.peer().startswith("unix:")
+    uid = None
+    if via_unix:
+        for key, value in context.invocation_metadata() or ():
+            if key == TOKEN_METADATA and isinstance(value, str):
+                uid = peers.uid(value)
+                break
+    return Caller(via_unix_socket=via_unix, uid=uid)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    """edgeinfer.v1 handlers. Errors are mapped by the one boundary
+    (``edgeinferd.protocol.boundary``); a handler only raises."""
+
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
 
-    async def _respond(
-        self, message: pb.PredictRequest, time_remaining: float | None
-    ) -> pb.PredictResponse:
-        request = decode_request(message, time_remaining, self.dataplane.shared_memory)
-        return self._encode(message, await self.dataplane.infer(request))
+    def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        return caller_of(context, self.dataplane.peers)
 
-    def _encode(self, message: pb.PredictRequest, result: InferenceResponse) -> pb.PredictResponse:
+    def _input_count(self, message: pb.PredictRequest) -> int:
+        """How many inputs the serving model takes; an unknown model is refused (and
+        counted) here, before its tensors are decoded."""
+        try:
+            loaded = self.dataplane.serving(message.model, message.version)
+        except Exception as error:
+            self.dataplane.count_refusal(message.model, message.version, error)
+            raise
+        return len(loaded.config.inputs)
+
+    def _encode(
+        self, message: pb.PredictRequest, result: InferenceResponse, caller: Caller
+    ) -> pb.PredictResponse:
         response = pb.PredictResponse(model=result.model, version=result.version, id=result.id)
         targets = {o.name: o.shared_memory for o in message.outputs if o.HasField("shared_memory")}
         for name, array in result.outputs.items():
@@ -238,16 +278,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if target is None:
                 to_proto(name, array, tensor)
             else:
-                write_to_shared_memory(self.dataplane.shared_memory, name, array, target, tensor)
+                write_to_shared_memory(
+                    self.dataplane.shared_memory, caller.uid, name, array, target, tensor
+                )
         return response
 
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PredictResponse:
-        try:
-            return await self._respond(request, context.time_remaining())
-        except Exception as error:
-            await abort_with(context, error, request.id)
+        caller = self._caller(context)
+        decoded = decode_request(
+            request,
+            context.time_remaining(),
+            self.dataplane.shared_memory,
+            caller,
+            self._input_count(request),
+        )
+        return self._encode(request, await self.dataplane.infer(decoded), caller)
 
     async def PredictStream(
         self,
@@ -255,11 +302,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.PredictStreamResponse]:
         """Answer in request order while up to STREAM_PIPELINE_DEPTH messages run at once."""
+        caller = self._caller(context)
 
         def start(message: pb.PredictRequest) -> _StreamMessage:
             try:
                 request = decode_request(
-                    message, context.time_remaining(), self.dataplane.shared_memory
+                    message,
+                    context.time_remaining(),
+                    self.dataplane.shared_memory,
+                    caller,
+                    self._input_count(message),
                 )
                 return _StreamMessage(message, self.dataplane.start(request))
             except Exception as error:
@@ -270,7 +322,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             try:
                 if isinstance(started, Exception):
                     raise started
-                response = self._encode(message, await self.dataplane.complete(started))
+                response = self._encode(message, await self.dataplane.complete(started), caller)
                 return pb.PredictStreamResponse(id=message.id, response=response)
             except Exception as error:
                 code, text = status_for(error, message.id)
@@ -282,7 +334,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if isinstance(item.started, PendingInference):
                 self.dataplane.abandon(item.started)
 
-        async for answer in answer_in_order(request_iterator, start, finish, abandon):
+        async for answer in answer_in_order(
+            request_iterator, start, finish, abandon, size=message_bytes
+        ):
             yield answer
 
     async def Generate(
@@ -306,28 +360,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def GetModel(
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInfo:
-        try:
-            return model_info(self.dataplane.get_model(request.name), self.dataplane)
-        except Exception as error:
-            await abort_with(context, error)
+        return model_info(self.dataplane.get_model(request.name), self.dataplane)
 
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInfo:
-        try:
-            entry = await self.dataplane.load_model(request.name, caller_of(context))
-            return model_info(entry, self.dataplane)
-        except Exception as error:
-            await abort_with(context, error)
+        entry = await self.dataplane.load_model(request.name, self._caller(context))
+        return model_info(entry, self.dataplane)
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInfo:
-        try:
-            entry = await self.dataplane.unload_model(request.name, caller_of(context))
-            return model_info(entry, self.dataplane)
-        except Exception as error:
-            await abort_with(context, error)
+        entry = await self.dataplane.unload_model(request.name, self._caller(context))
+        return model_info(entry, self.dataplane)
 
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -337,27 +382,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def RegisterSharedMemory(
         self, request: pb.RegisterSharedMemoryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RegisterSharedMemoryResponse:
-        try:
-            self.dataplane.shared_memory.register(
-                request.name, request.key, request.offset, request.byte_size
-            )
-        except Exception as error:
-            await abort_with(context, error)
+        self.dataplane.shared_memory.register(
+            self._caller(context).uid, request.name, request.key, request.offset, request.byte_size
+        )
         return pb.RegisterSharedMemoryResponse()
 
     async def UnregisterSharedMemory(
         self, request: pb.UnregisterSharedMemoryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UnregisterSharedMemoryResponse:
-        try:
-            self.dataplane.shared_memory.unregister(request.name)
-        except Exception as error:
-            await abort_with(context, error)
+        self.dataplane.shared_memory.unregister(self._caller(context).uid, request.name)
         return pb.UnregisterSharedMemoryResponse()
 
     async def ListSharedMemory(
         self, request: pb.ListSharedMemoryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListSharedMemoryResponse:
-        regions = self.dataplane.shared_memory.regions()
+        regions = self.dataplane.shared_memory.regions(self._caller(context).uid)
         return pb.ListSharedMemoryResponse(
             regions=[
                 pb.SharedMemoryRegion(
@@ -366,6 +405,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 for r in regions
             ]
         )
+
+
+def message_bytes(message: pb.PredictRequest) -> int:
+    """What a stream message holds in memory while it is in flight (for the byte bound)."""
+    return message.ByteSize()
 
 
 __all__ = [
