@@ -3,9 +3,11 @@
 Allocated once when a model loads, for ``max_sequences`` slots of ``context``
 positions each, and written in place: a step never concatenates, re-pads or
 copies whole caches, so its cost does not grow with how many steps came
-before. The memory it reserves is fixed and stated at load (``nbytes``); the
-pages are zero-filled by the kernel on first touch, so resident memory grows
-only with the positions sequences actually reach.
+before. The memory it reserves is fixed and stated at load (``nbytes``). It is
+an anonymous mapping, not ``torch.zeros``: the kernel hands out zero pages on
+first touch, so resident memory grows only with the positions sequences
+actually reach (zeros written by ``torch.zeros`` would make all of it resident
+at load), and unread padding is zero, never stale garbage that could be NaN.
 
 Live sequences occupy slots ``0 .. n - 1``: a decode step over all of them
 reads one contiguous view. When a sequence leaves, the sequence in the last
@@ -15,14 +17,16 @@ filled positions).
 
 from __future__ import annotations
 
+import mmap
+
 import torch
 
 
 class KVCache:
     def __init__(self, layers: int, slots: int, kv_heads: int, context: int, head_dim: int) -> None:
         shape = (layers, slots, kv_heads, context, head_dim)
-        self.keys = torch.zeros(shape, dtype=torch.float32)
-        self.values = torch.zeros(shape, dtype=torch.float32)
+        self.keys, self._keys_map = _zero_pages(shape)
+        self.values, self._values_map = _zero_pages(shape)
         self.slots = slots
         self.context = context
 
@@ -53,3 +57,12 @@ class KVCache:
             return
         self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
         self.values[:, target, :, :length] = self.values[:, source, :, :length]
+
+
+def _zero_pages(shape: tuple[int, ...]) -> tuple[torch.Tensor, mmap.mmap]:
+    """A float32 tensor on a private anonymous mapping (kept alive by the returned map)."""
+    count = 1
+    for size in shape:
+        count *= size
+    pages = mmap.mmap(-1, max(count * 4, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=torch.float32, count=count).view(shape), pages
