@@ -78,12 +78,22 @@ def torch_version() -> str:
     return result.stdout.strip() or "unavailable"
 
 
-def default_form() -> str | None:
-    """The form ``edgeinferd import`` picks without --quantize, read from its --help."""
+def import_help() -> str:
+    """``edgeinferd import --help``; stops the run early when this daemon has no importer."""
     result = subprocess.run(
         [*llm_daemon.edgeinferd_command(), "import", "--help"], capture_output=True, text=True
     )
-    text = " ".join(result.stdout.split())
+    if result.returncode != 0 or "--quantize" not in result.stdout:
+        raise SystemExit(
+            "this edgeinferd has no 'import ... --quantize' command; run with --llama-cpp-only"
+            f" to measure llama.cpp alone\n{result.stdout}{result.stderr}"
+        )
+    return result.stdout
+
+
+def default_form(help_text: str) -> str | None:
+    """The form ``edgeinferd import`` picks without --quantize, read from its --help."""
+    text = " ".join(help_text.split())
     found = re.search(r"--quantize[^-]*?default:?\s*'?\"?(none|int8|int4)", text)
     return found.group(1) if found else None
 
@@ -241,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "passes": settings.passes,
         "command": " ".join(["python benchmarks/llm_bench.py", *(argv or sys.argv[1:])]),
     }
+    help_text = import_help() if forms else ""
     gguf = llm_inputs.gguf_path()
     tools = build()
     info["gguf"] = {"file": gguf.name, "sha256": llm_inputs.sha256(gguf)}
@@ -270,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         repositories: dict[str, Path] = {}
         prompts: dict[str, Any] | None = None
         if forms:
-            info["default_form"] = default_form()
+            info["default_form"] = default_form(help_text)
         for form in forms:
             repository = workdir / f"repo-{form}"
             version, import_s = llm_daemon.import_model(gguf, repository, form, args.threads)
