@@ -92,7 +92,13 @@ def import_help() -> str:
 
 
 def default_form(help_text: str) -> str | None:
-    """The form ``edgeinferd import`` picks without --quantize, read from its --help."""
+    """The form ``edgeinferd import`` picks without --quantize (the served default)."""
+    try:
+        from edgeinferd.generation.quantize import DEFAULT_FORM
+    except ImportError:
+        pass
+    else:
+        return str(DEFAULT_FORM)
     text = " ".join(help_text.split())
     found = re.search(r"--quantize[^-]*?default:?\s*'?\"?(none|int8|int4)", text)
     return found.group(1) if found else None
@@ -284,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             info["default_form"] = default_form(help_text)
         for form in forms:
             repository = workdir / f"repo-{form}"
-            version, import_s = llm_daemon.import_model(gguf, repository, form, args.threads)
+            version, import_s = llm_daemon.import_model(
+                gguf, repository, form, args.threads, max(settings.parallel)
+            )
             repositories[form] = repository
             perplexity = daemon_perplexity(version, args.threads, bos)
             tokens = perplexity.pop("tokens")

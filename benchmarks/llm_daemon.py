@@ -30,7 +30,9 @@ def edgeinferd_command() -> list[str]:
     return [sys.executable, "-m", "edgeinferd"]
 
 
-def import_model(gguf: Path, repository: Path, quantize: str, threads: int) -> tuple[Path, float]:
+def import_model(
+    gguf: Path, repository: Path, quantize: str, threads: int, max_sequences: int
+) -> tuple[Path, float]:
     """``edgeinferd import``; returns (the version folder, seconds the import took)."""
     started = time.perf_counter()
     command = [*edgeinferd_command(), "import", str(gguf), "--repository", str(repository)]
@@ -39,7 +41,7 @@ def import_model(gguf: Path, repository: Path, quantize: str, threads: int) -> t
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
     elapsed = time.perf_counter() - started
-    set_threads(repository / MODEL_NAME / "config.toml", threads)
+    configure_generation(repository / MODEL_NAME / "config.toml", threads, max_sequences)
     versions = sorted(
         (p for p in (repository / MODEL_NAME).iterdir() if p.is_dir() and p.name.isdigit()),
         key=lambda p: int(p.name),
@@ -49,23 +51,32 @@ def import_model(gguf: Path, repository: Path, quantize: str, threads: int) -> t
     return versions[-1], elapsed
 
 
-def set_threads(config: Path, threads: int) -> None:
-    """Set ``[instances] threads`` (torch intra-op threads per forward pass) in config.toml."""
+def configure_generation(config: Path, threads: int, max_sequences: int) -> None:
+    """Set ``threads`` and ``max_sequences`` in the ``[generation]`` table of config.toml.
+
+    The importer writes its own defaults (threads: every core; a few slots); the benchmark
+    needs a fixed thread count, the same as llama.cpp's, and a slot for each concurrent
+    sequence it sends.
+    """
     text = config.read_text()
-    section = re.search(r"^\[instances\][^\[]*", text, flags=re.MULTILINE)
+    wanted = {"threads": threads, "max_sequences": max_sequences}
+    section = re.search(r"^\[generation\][^\[]*", text, flags=re.MULTILINE)
     if section is None:
-        text = text.rstrip("\n") + f"\n\n[instances]\nthreads = {threads}\n"
-    else:
-        body = section.group(0)
-        if re.search(r"^threads\s*=", body, flags=re.MULTILINE):
-            body = re.sub(r"^threads\s*=.*$", f"threads = {threads}", body, flags=re.MULTILINE)
+        text = text.rstrip("\n") + "\n\n[generation]\n"
+        section = re.search(r"^\[generation\][^\[]*", text, flags=re.MULTILINE)
+        assert section is not None
+    body = section.group(0)
+    for key, value in wanted.items():
+        pattern = rf"^{key}\s*=.*$"
+        if re.search(pattern, body, flags=re.MULTILINE):
+            body = re.sub(pattern, f"{key} = {value}", body, flags=re.MULTILINE)
         else:
-            body = body.replace("[instances]\n", f"[instances]\nthreads = {threads}\n", 1)
-        text = text[: section.start()] + body + text[section.end() :]
+            body = body.replace("[generation]\n", f"[generation]\n{key} = {value}\n", 1)
+    text = text[: section.start()] + body + text[section.end() :]
     config.write_text(text)
-    written = tomllib.loads(text).get("instances", {}).get("threads")
-    if written != threads:
-        raise SystemExit(f"{config}: could not set [instances] threads = {threads}")
+    written = tomllib.loads(text).get("generation", {})
+    if any(written.get(key) != value for key, value in wanted.items()):
+        raise SystemExit(f"{config}: could not set {wanted} in [generation]")
 
 
 def vm_hwm_bytes(pid: int) -> int:
