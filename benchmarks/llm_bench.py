@@ -110,9 +110,9 @@ class Settings:
         self.passes = passes or (1 if quick else 3)
         self.prefill_tokens = 512
         self.decode_prompt = 64
-        self.decode_tokens = 32 if quick else 128
+        self.decode_tokens = 16 if quick else 64
         self.parallel = [1, 8] if quick else [1, 2, 4, 8]
-        self.ttft_requests = 5 if quick else 20
+        self.ttft_requests = 3 if quick else 10
         self.answer_tokens = 64
 
 
@@ -205,22 +205,14 @@ def build_prompts(tokens: list[int], settings: Settings) -> dict[str, Any]:
     return {"prefill": prefill, "decode": slices[:8], "ttft": slices[8:]}
 
 
-def gguf_metadata(source: Path, gguf: Path) -> dict[str, Any]:
-    """add_bos_token and bos id, read with the gguf-py reader that ships with llama.cpp."""
-    sys.path.insert(0, str(source / "gguf-py"))
-    try:
-        from gguf import GGUFReader  # type: ignore[import-not-found]
-    finally:
-        sys.path.pop(0)
-    fields = GGUFReader(str(gguf)).fields
-
-    def value(key: str) -> Any:
-        return fields[key].contents() if key in fields else None
-
+def gguf_facts(gguf: Path) -> dict[str, Any]:
+    """Whether the model adds BOS (llama-perplexity then puts it first in every chunk)."""
+    keys = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id", "general.name")
+    meta = llm_inputs.gguf_metadata(gguf, keys)
     return {
-        "add_bos": bool(value("tokenizer.ggml.add_bos_token")),
-        "bos": value("tokenizer.ggml.bos_token_id"),
-        "name": value("general.name"),
+        "add_bos": bool(meta.get(keys[0], False)),
+        "bos": meta.get(keys[1]),
+        "name": meta.get(keys[2]),
     }
 
 
@@ -270,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "source": f"llama-cpp-python {tools.source.name.split('-')[-1]} sdist, vendor/llama.cpp",
         "options": [o for o in tools.options if o.endswith("=ON")],
     }
-    meta = gguf_metadata(tools.source, gguf)
+    meta = gguf_facts(gguf)
     info["gguf"].update(meta)
     bos = int(meta["bos"]) if meta["add_bos"] else None
     llama = LlamaCpp(tools, gguf, args.threads)

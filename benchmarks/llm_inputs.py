@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import struct
 import subprocess
 import sys
 import zipfile
@@ -85,6 +86,66 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_GGUF_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_metadata(path: Path, keys: Sequence[str]) -> dict[str, object]:
+    """The values of ``keys`` in a GGUF file's header (scalars and strings; absent: missing).
+
+    A few dozen lines of the format (little-endian: magic, version, tensor and key counts,
+    then typed key/value pairs) rather than llama.cpp's gguf-py, which needs PyYAML.
+    """
+    wanted = set(keys)
+    found: dict[str, object] = {}
+    with path.open("rb") as stream:
+
+        def read(fmt: str) -> object:
+            size = struct.calcsize("<" + fmt)
+            return struct.unpack("<" + fmt, stream.read(size))[0]
+
+        def string() -> str:
+            length = int(read("Q"))  # type: ignore[call-overload]
+            return stream.read(length).decode("utf-8", errors="replace")
+
+        def value(kind: int) -> object:
+            if kind in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[kind])
+            if kind == _GGUF_STRING:
+                return string()
+            if kind == _GGUF_ARRAY:
+                item = int(read("I"))  # type: ignore[call-overload]
+                count = int(read("Q"))  # type: ignore[call-overload]
+                return [value(item) for _ in range(count)]
+            raise ValueError(f"{path}: unknown GGUF value type {kind}")
+
+        if stream.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        read("I")  # version
+        read("Q")  # tensor count
+        pairs = int(read("Q"))  # type: ignore[call-overload]
+        for _ in range(pairs):
+            key = string()
+            entry = value(int(read("I")))  # type: ignore[call-overload]
+            if key in wanted:
+                found[key] = entry
+                if len(found) == len(wanted):
+                    break
+    return found
 
 
 def perplexity_text() -> str:
