@@ -105,12 +105,12 @@ def default_form(help_text: str) -> str | None:
 
 
 class Settings:
-    def __init__(self, quick: bool, passes: int | None) -> None:
+    def __init__(self, quick: bool, passes: int | None, decode_tokens: int | None) -> None:
         self.quick = quick
         self.passes = passes or (1 if quick else 3)
         self.prefill_tokens = 512
         self.decode_prompt = 64
-        self.decode_tokens = 16 if quick else 64
+        self.decode_tokens = decode_tokens or (16 if quick else 64)
         self.parallel = [1, 8] if quick else [1, 2, 4, 8]
         self.ttft_requests = 3 if quick else 10
         self.answer_tokens = 64
@@ -234,13 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one pass, fewer sizes")
     parser.add_argument("--passes", type=int, help="passes to take medians over (default 3)")
+    parser.add_argument("--tokens", type=int, help="new tokens per generation (default 64)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--forms", default=",".join(FORMS), help="the --quantize forms to import")
     parser.add_argument("--llama-cpp-only", action="store_true", help="skip the daemon side")
     parser.add_argument("--write-doc", action="store_true", help="rewrite the tables in llm.md")
     parser.add_argument("--json", type=Path, default=JSON_OUT)
     args = parser.parse_args(argv)
-    settings = Settings(args.quick, args.passes)
+    settings = Settings(args.quick, args.passes, args.tokens)
     forms = [] if args.llama_cpp_only else [f for f in args.forms.split(",") if f]
 
     started_at = datetime.now(UTC)
