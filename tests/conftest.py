@@ -147,3 +147,38 @@ def start_daemon() -> Iterator[StartDaemon]:
     for process in started:
         process.stop()
         shutil.rmtree(process.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def llm_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 imported by ``edgeinferd import`` in its default form and in fp32, plus
+    two models sharing the int4 weights: a short context, and a tiny prefill chunk."""
+    from tests import llm
+
+    source = llm.require_gguf()
+    repo = tmp_path_factory.mktemp("llm")
+    for name, form in ((llm.NAME, "int4"), (llm.FP32, "none")):
+        subprocess.run(
+            [sys.executable, "-m", "edgeinferd", "import", str(source), "--repository",
+             str(repo), "--name", name, "--quantize", form, "--max-sequences", "4"],
+            check=True,
+        )  # fmt: skip
+    for name, table in (
+        ("smollm2-short", "max_sequences = 2\ncontext = 48\n"),
+        ("smollm2-chunked", "max_sequences = 4\ncontext = 2048\nprefill_chunk = 5\n"),
+    ):
+        (repo / name / "1").mkdir(parents=True)
+        for file in (repo / llm.NAME / "1").iterdir():
+            os.link(file, repo / name / "1" / file.name)
+        (repo / name / "config.toml").write_text(f"[generation]\n{table}")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def llm_daemon(llm_repo: Path) -> Iterator[Daemon]:
+    """One daemon serving the LLM repository for the session (tests must not change it)."""
+    workdir = short_tmpdir()
+    process = Daemon(daemon_config(llm_repo), workdir).wait_ready(timeout=300)
+    yield process
+    process.stop()
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -5,6 +5,7 @@ Imports grpcio, protobuf and numpy only; never torch.
 
 from edgeinfer.client import (
     AsyncClient,
+    ChatMessage,
     Client,
     EdgeInferError,
     GenerateChunk,
@@ -17,6 +18,7 @@ from edgeinfer.client import (
 __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
+    "ChatMessage",
     "Client",
     "EdgeInferError",
     "GenerateChunk",

@@ -5,6 +5,7 @@
     edgeinfer stream MODEL FILE|-           (one message per row of the file, or per stdin line)
     edgeinfer health [MODEL]
     edgeinfer generate MODEL PROMPT|-       (text as it is generated; --json: one object per chunk)
+    edgeinfer chat MODEL [QUESTION|-]       (the answer streamed; no question on a terminal: a chat)
     edgeinfer bench MODEL [--concurrency 1,8,32 | --rate N] (throughput and latency under load)
 
 ``--json`` prints machine-readable output. Failures exit non-zero with one
@@ -17,7 +18,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,12 @@ import numpy as np
 
 from edgeinfer.client import (
     DEFAULT_ADDRESS,
+    ChatMessage,
     Client,
     EdgeInferError,
+    GenerateChunk,
+    GenerateEvent,
+    GenerateOptions,
     GenerateSummary,
     ModelInfo,
     Stats,
@@ -85,18 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="is the daemon (or a model) serving?")
     health.add_argument("model", nargs="?", default="")
 
-    generate = commands.add_parser("generate", help="stream text from a generative model")
+    generate = commands.add_parser("generate", help="stream text from a language model")
     generate.add_argument("model")
     generate.add_argument("prompt", help="the prompt, or - to read it from stdin")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    generate.add_argument("--top-k", type=int, default=0, help="0: off")
-    generate.add_argument("--top-p", type=float, help="nucleus mass in (0, 1]; default off")
-    generate.add_argument("--seed", type=int, help="makes sampling reproducible")
-    generate.add_argument(
-        "--stop", action="append", default=[], help="end before this text (repeatable)"
+    _sampling_flags(generate, max_new_tokens=64)
+
+    chat = commands.add_parser(
+        "chat",
+        help="ask a language model (its chat template); no question on a terminal: a conversation",
     )
-    generate.add_argument("--version", default="")
+    chat.add_argument("model")
+    chat.add_argument("question", nargs="?", help="one question; - reads it from stdin")
+    chat.add_argument("--system", help="a system message before the conversation")
+    _sampling_flags(chat, max_new_tokens=512)
 
     commands.add_parser("stats", help="requests, failures and latency per model")
 
@@ -104,6 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_parser(commands)
     return parser
+
+
+def _sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The flags generate and chat share (GenerateOptions)."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, help="nucleus mass in (0, 1]; default off")
+    parser.add_argument("--min-p", type=float, default=0.0, help="in [0, 1); 0: off")
+    parser.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeats")
+    parser.add_argument("--seed", type=int, help="makes sampling reproducible")
+    parser.add_argument(
+        "--stop", action="append", default=[], help="end before this text (repeatable)"
+    )
+    parser.add_argument("--version", default="")
+
+
+def _options(args: argparse.Namespace) -> GenerateOptions:
+    return GenerateOptions(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+        version=args.version,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +202,11 @@ def _run(client: Client, args: argparse.Namespace) -> int:
             print(json.dumps(line) if args.json else _text_line(line), flush=True)
         return EXIT_FAILED if failures else 0
     if args.command == "generate":
-        return _generate(client, args)
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        _print_generation(client.generate(args.model, prompt, **_options(args)), args.json)
+        return 0
+    if args.command == "chat":
+        return _chat(client, args)
     if args.command == "health":
         status = client.health(args.model)
         print(json.dumps({"service": args.model, "status": status}) if args.json else status)
@@ -206,24 +245,16 @@ def _print_stats(stats: Stats, as_json: bool) -> None:
         )
 
 
-def _generate(client: Client, args: argparse.Namespace) -> int:
-    """Print text as it arrives; the summary goes to stderr (or is the last JSON line)."""
+def _print_generation(events: Iterable[GenerateEvent], as_json: bool) -> str:
+    """Print text as it arrives; the summary goes to stderr (or is the last JSON line).
+    Returns the whole text."""
     from dataclasses import asdict
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    events = client.generate(
-        args.model,
-        prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-        version=args.version,
-    )
+    texts: list[str] = []
     for event in events:
-        if args.json:
+        if isinstance(event, GenerateChunk):
+            texts.append(event.text)
+        if as_json:
             line = asdict(event)
             if "token_ids" in line:
                 line["token_ids"] = list(line["token_ids"])
@@ -240,7 +271,31 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(event.text)
             sys.stdout.flush()
-    return 0
+    return "".join(texts)
+
+
+def _chat(client: Client, args: argparse.Namespace) -> int:
+    """One question answered; or, on a terminal with no question, a conversation."""
+    history = [ChatMessage("system", args.system)] if args.system else []
+    if args.question is not None:
+        question = sys.stdin.read() if args.question == "-" else args.question
+        history.append(ChatMessage("user", question))
+        _print_generation(client.chat(args.model, history, **_options(args)), args.json)
+        return 0
+    if not sys.stdin.isatty():
+        raise UsageError("give a question, or run on a terminal for a conversation")
+    print(f"chatting with {args.model}; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            question = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not question.strip():
+            return 0
+        history.append(ChatMessage("user", question))
+        answer = _print_generation(client.chat(args.model, history, **_options(args)), args.json)
+        history.append(ChatMessage("assistant", answer))
 
 
 def _models(client: Client, args: argparse.Namespace) -> int:

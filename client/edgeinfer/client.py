@@ -17,9 +17,10 @@ from collections.abc import (
     Iterable,
     Iterator,
     Mapping,
+    Sequence,
 )
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import grpc
 import grpc.aio
@@ -196,8 +197,9 @@ class GenerateChunk:
 class GenerateSummary:
     """The last message of a generation."""
 
-    #: "LENGTH" (max_new_tokens reached), "STOP" (a stop sequence) or "CANCELLED"
-    #: (the daemon stopped it: model unloaded, daemon shutting down).
+    #: "LENGTH" (max_new_tokens reached), "STOP" (the model's end-of-sequence token
+    #: or a stop sequence), "CONTEXT" (the context is full) or "CANCELLED" (the
+    #: daemon stopped it: model unloaded, daemon shutting down).
     finish_reason: str
     prompt_tokens: int
     generated_tokens: int
@@ -229,37 +231,69 @@ def collect_generation(events: Iterable[GenerateEvent]) -> GenerateResult:
     raise EdgeInferError(grpc.StatusCode.UNKNOWN, "the generation ended without a summary")
 
 
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation: ``role`` is "system", "user" or "assistant"."""
+
+    role: str
+    content: str
+
+
+#: Text, token ids of the model's vocabulary, or a conversation (rendered by the
+#: model's own chat template on the daemon).
+Prompt = str | Iterable[int] | Sequence[ChatMessage]
+
+
+class GenerateOptions(TypedDict, total=False):
+    """Keyword options of every generate and chat method.
+
+    ``temperature`` 0 (the default) is greedy; ``top_k`` 0, ``top_p`` 1,
+    ``min_p`` 0 and ``repetition_penalty`` 1 are off; ``seed`` makes sampling
+    reproducible; the text stops before any of ``stop``.
+    """
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float | None
+    min_p: float
+    repetition_penalty: float | None
+    seed: int | None
+    stop: Iterable[str]
+    version: str
+    request_id: str
+    timeout: float | None
+
+
 def build_generate_request(
-    model: str,
-    prompt: str | Iterable[int],
-    *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop: Iterable[str] = (),
-    version: str = "",
-    request_id: str = "",
+    model: str, prompt: Prompt, **options: Unpack[GenerateOptions]
 ) -> inference_pb2.GenerateRequest:
-    """``prompt`` is text, or token ids of the model's vocabulary."""
     request = inference_pb2.GenerateRequest(
         model=model,
-        version=version,
-        id=request_id,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        stop=list(stop),
+        version=options.get("version", ""),
+        id=options.get("request_id", ""),
+        max_new_tokens=options.get("max_new_tokens", 64),
+        temperature=options.get("temperature", 0.0),
+        top_k=options.get("top_k", 0),
+        min_p=options.get("min_p", 0.0),
+        stop=list(options.get("stop", ())),
     )
     if isinstance(prompt, str):
         request.text = prompt
     else:
-        request.tokens.ids.extend(prompt)
-    if top_p is not None:
-        request.top_p = top_p
-    if seed is not None:
-        request.seed = seed
+        items = list(prompt)
+        if items and isinstance(items[0], ChatMessage):
+            request.messages.messages.extend(
+                inference_pb2.ChatMessage(role=m.role, content=m.content)
+                for m in items
+                if isinstance(m, ChatMessage)
+            )
+        else:
+            request.tokens.ids.extend(i for i in items if isinstance(i, int))
+    for name in ("top_p", "repetition_penalty", "seed"):
+        value = options.get(name)
+        if value is not None:
+            setattr(request, name, value)
     return request
 
 
@@ -487,40 +521,17 @@ class Client:
             raise EdgeInferError.from_rpc(error) from None
 
     def generate(
-        self,
-        model: str,
-        prompt: str | Iterable[int],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: Iterable[str] = (),
-        version: str = "",
-        request_id: str = "",
-        timeout: float | None = None,
+        self, model: str, prompt: Prompt, **options: Unpack[GenerateOptions]
     ) -> Generator[GenerateEvent, None, None]:
         """Stream a generation: chunks as tokens are made, then one GenerateSummary.
 
-        ``temperature`` 0 is greedy; ``seed`` makes sampling reproducible; the
-        text stops before any of ``stop``. Leaving the loop early cancels the
-        call, which stops the generation on the daemon and frees its slot.
+        Leaving the loop early cancels the call, which stops the generation on
+        the daemon and frees its slot. See ``GenerateOptions`` for the options.
         """
-        request = build_generate_request(
-            model,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            version=version,
-            request_id=request_id,
-        )
+        timeout = options.get("timeout")
         call = self._stub.Generate(
-            request, timeout=timeout if timeout is not None else self.timeout
+            build_generate_request(model, prompt, **options),
+            timeout=timeout if timeout is not None else self.timeout,
         )
         try:
             for message in call:
@@ -531,35 +542,22 @@ class Client:
             call.cancel()
 
     def generate_text(
-        self,
-        model: str,
-        prompt: str | Iterable[int],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: Iterable[str] = (),
-        version: str = "",
-        request_id: str = "",
-        timeout: float | None = None,
+        self, model: str, prompt: Prompt, **options: Unpack[GenerateOptions]
     ) -> GenerateResult:
-        """The whole generation at once (same parameters as ``generate``)."""
-        events = self.generate(
-            model,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            version=version,
-            request_id=request_id,
-            timeout=timeout,
-        )
-        return collect_generation(events)
+        """The whole generation at once (same options as ``generate``)."""
+        return collect_generation(self.generate(model, prompt, **options))
+
+    def chat(
+        self, model: str, messages: Sequence[ChatMessage], **options: Unpack[GenerateOptions]
+    ) -> Generator[GenerateEvent, None, None]:
+        """Stream the assistant's answer to a conversation (the model's chat template)."""
+        return self.generate(model, messages, **options)
+
+    def chat_text(
+        self, model: str, messages: Sequence[ChatMessage], **options: Unpack[GenerateOptions]
+    ) -> GenerateResult:
+        """The assistant's whole answer at once."""
+        return collect_generation(self.generate(model, messages, **options))
 
     def list_models(self) -> list[ModelInfo]:
         response = self._call(self._stub.ListModels, inference_pb2.ListModelsRequest(), None)
@@ -674,35 +672,13 @@ class AsyncClient:
             call.cancel()
 
     async def generate(
-        self,
-        model: str,
-        prompt: str | Iterable[int],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: Iterable[str] = (),
-        version: str = "",
-        request_id: str = "",
-        timeout: float | None = None,
+        self, model: str, prompt: Prompt, **options: Unpack[GenerateOptions]
     ) -> AsyncGenerator[GenerateEvent, None]:
         """Stream a generation (see ``Client.generate``); leaving early cancels it."""
-        request = build_generate_request(
-            model,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            version=version,
-            request_id=request_id,
-        )
+        timeout = options.get("timeout")
         call = self._stub.Generate(
-            request, timeout=timeout if timeout is not None else self.timeout
+            build_generate_request(model, prompt, **options),
+            timeout=timeout if timeout is not None else self.timeout,
         )
         try:
             async for message in call:
@@ -713,42 +689,29 @@ class AsyncClient:
             call.cancel()
 
     async def generate_text(
-        self,
-        model: str,
-        prompt: str | Iterable[int],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: Iterable[str] = (),
-        version: str = "",
-        request_id: str = "",
-        timeout: float | None = None,
+        self, model: str, prompt: Prompt, **options: Unpack[GenerateOptions]
     ) -> GenerateResult:
-        """The whole generation at once (same parameters as ``generate``)."""
+        """The whole generation at once (same options as ``generate``)."""
         texts: list[str] = []
         ids: list[int] = []
-        events = self.generate(
-            model,
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            version=version,
-            request_id=request_id,
-            timeout=timeout,
-        )
-        async for event in events:
+        async for event in self.generate(model, prompt, **options):
             if isinstance(event, GenerateSummary):
                 return GenerateResult("".join(texts), ids, event)
             texts.append(event.text)
             ids.extend(event.token_ids)
         raise EdgeInferError(grpc.StatusCode.UNKNOWN, "the generation ended without a summary")
+
+    def chat(
+        self, model: str, messages: Sequence[ChatMessage], **options: Unpack[GenerateOptions]
+    ) -> AsyncGenerator[GenerateEvent, None]:
+        """Stream the assistant's answer to a conversation (the model's chat template)."""
+        return self.generate(model, messages, **options)
+
+    async def chat_text(
+        self, model: str, messages: Sequence[ChatMessage], **options: Unpack[GenerateOptions]
+    ) -> GenerateResult:
+        """The assistant's whole answer at once."""
+        return await self.generate_text(model, messages, **options)
 
     async def list_models(self) -> list[ModelInfo]:
         response = await self._call(self._stub.ListModels, inference_pb2.ListModelsRequest(), None)

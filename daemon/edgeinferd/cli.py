@@ -2,6 +2,7 @@
 
     edgeinferd [--config FILE] [--repository DIR] [--unix PATH] [--tcp HOST:PORT]
     edgeinferd compress RECIPE.toml      (the compression toolchain)
+    edgeinferd import SOURCE --repository DIR --name NAME  (a .gguf file or Hugging Face folder)
     edgeinferd install|uninstall ...     (systemd installation)
 
 Config -> server -> CLI, in three layers, as uvicorn does: this module only
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeinferd",
         description="Serve PyTorch models from a model repository over gRPC.",
-        epilog="Tools: 'edgeinferd compress RECIPE', 'edgeinferd install', 'edgeinferd uninstall'.",
+        epilog="Tools: 'edgeinferd compress RECIPE', 'edgeinferd import SOURCE',"
+        " 'edgeinferd install', 'edgeinferd uninstall'.",
     )
     parser.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
     parser.add_argument(
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from edgeinferd.compress.cli import main as compress_main
 
         return compress_main(argv[1:])
+    if argv and argv[0] == "import":
+        from edgeinferd.importer.cli import main as import_main
+
+        return import_main(argv[1:])
     if argv and argv[0] in ("install", "uninstall"):
         from edgeinferd.install import main as install_main
 

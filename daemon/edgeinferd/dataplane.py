@@ -20,6 +20,8 @@ from edgeinfer.tensors import shape_repr
 from edgeinferd.batching import QueuedCall
 from edgeinferd.errors import Cancelled, InvalidInput, ModelExecutionError, PermissionDenied
 from edgeinferd.generation import params as generation_params
+from edgeinferd.generation.chat import Message
+from edgeinferd.generation.params import Sampling
 from edgeinferd.generation.sequence import GenerationEvent
 from edgeinferd.metrics import Metrics
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelManager
@@ -54,15 +56,12 @@ class InferenceResponse:
 @dataclass(slots=True)
 class GenerationRequest:
     model: str
-    #: Text, or token ids of the model's vocabulary.
-    prompt: str | Sequence[int]
+    #: Text, token ids of the model's vocabulary, or a conversation for its chat template.
+    prompt: str | Sequence[int] | Sequence[Message]
     max_new_tokens: int
     version: str = ""
     id: str = ""
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float | None = None
-    seed: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
     stop: Sequence[str] = ()
     deadline: float | None = None
 
@@ -124,11 +123,10 @@ class DataPlane:
         started = time.perf_counter()
         try:
             loaded = self.models.serving(request.model, request.version)
-            if loaded.engine is not None:
-                raise InvalidInput(f"model {request.model!r} is generative; call Generate")
+            _, batcher = loaded.predictor()
             arrays = validate_inputs(loaded.config, request.inputs)
             wanted = select_outputs(loaded.config, request.outputs)
-            queued = loaded.batcher.enqueue(arrays, request.deadline)
+            queued = batcher.enqueue(arrays, request.deadline)
         except Exception as error:
             self.metrics.record(
                 request.model, request.version, error, time.perf_counter() - started
@@ -172,7 +170,7 @@ class DataPlane:
             request_id=request.id,
             duration_ms=round(elapsed * 1000, 3),
         )
-        names = loaded.runner.output_names
+        names = loaded.predictor()[0].output_names
         return InferenceResponse(
             model=request.model,
             version=loaded.version,
@@ -187,7 +185,7 @@ class DataPlane:
         if pending.ended:
             return
         pending.ended = True
-        pending.loaded.batcher.withdraw(pending.queued)
+        pending.loaded.predictor()[1].withdraw(pending.queued)
         self.metrics.in_flight -= 1
         self.metrics.record(
             pending.request.model,
@@ -202,25 +200,27 @@ class DataPlane:
         Closing this iterator early cancels the generation and frees its slot.
         """
         loaded = self.models.serving(request.model, request.version)
-        if loaded.engine is None:
-            raise InvalidInput(f"model {request.model!r} is not generative; call Predict")
+        engine = loaded.generator()
+        model = engine.model
+        generation_params.check_prompt_size(model, request.prompt)
+        # Tokenizing (and rendering a chat template) grows with the prompt: not on the loop.
+        ids = await asyncio.get_running_loop().run_in_executor(
+            None, generation_params.encode_prompt, model, request.prompt
+        )
         params = generation_params.validate(
-            loaded.engine.model,
-            request.prompt,
+            model,
+            ids,
             max_new_tokens=request.max_new_tokens,
-            temperature=request.temperature,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            seed=request.seed,
+            sampling=request.sampling,
             stop=request.stop,
         )
-        sequence = loaded.engine.submit(params, request.id, request.deadline)
+        sequence = engine.submit(params, request.id, request.deadline)
         try:
-            async for event in loaded.engine.stream(sequence):
+            async for event in engine.stream(sequence):
                 yield event
         finally:
             # Not left to garbage collection: the slot must be free the moment we stop.
-            loaded.engine.cancel(sequence)
+            engine.cancel(sequence)
 
     # -- model management ----------------------------------------------------
 

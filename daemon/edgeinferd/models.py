@@ -19,9 +19,15 @@ from typing import Any
 import structlog
 
 from edgeinferd.batching import Batcher
-from edgeinferd.errors import ConfigError, EdgeInferError, ModelNotFound, ModelNotReady
+from edgeinferd.errors import (
+    ConfigError,
+    EdgeInferError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+)
 from edgeinferd.generation.engine import GenerationEngine
-from edgeinferd.generation.model import load_generative
+from edgeinferd.generation.model import LanguageModel, load_language_model
 from edgeinferd.repository import ModelConfig, Repository, VersionFiles, check_model_name
 from edgeinferd.runtime import Runner, load_runner
 
@@ -41,21 +47,35 @@ class LoadedVersion:
 
     config: ModelConfig
     files: VersionFiles
-    runner: Runner
-    batcher: Batcher
     fingerprint: tuple[Any, ...]
     size_bytes: int
+    #: Models that predict: the forward pass and the queue that batches calls for it.
+    runner: Runner | None = None
+    batcher: Batcher | None = None
     loaded_at: float = field(default_factory=time.time)
-    #: Generative models only: decodes their sequences (the batcher stays idle).
+    #: Language models only: decodes their sequences.
     engine: GenerationEngine | None = None
 
     @property
     def version(self) -> str:
         return self.files.version
 
+    def predictor(self) -> tuple[Runner, Batcher]:
+        """The runner and batcher of a model that predicts; a language model has none."""
+        if self.runner is None or self.batcher is None:
+            raise InvalidInput(f"model {self.config.name!r} is generative; call Generate")
+        return self.runner, self.batcher
+
+    def generator(self) -> GenerationEngine:
+        """The generation engine of a language model."""
+        if self.engine is None:
+            raise InvalidInput(f"model {self.config.name!r} is not generative; call Predict")
+        return self.engine
+
     async def close(self, drain: bool = True) -> None:
         """Finish queued calls; running generations finish (``drain``) or are cancelled."""
-        await self.batcher.close()
+        if self.batcher is not None:
+            await self.batcher.close()
         if self.engine is not None:
             await self.engine.close(drain)
 
@@ -152,20 +172,18 @@ class ModelManager:
                 entry.state = ModelState.LOADING
                 self._on_change(entry)
             started = time.perf_counter()
-            engine = None
+            loop = asyncio.get_running_loop()
             try:
                 if config.generation is not None:
-                    generative = await asyncio.get_running_loop().run_in_executor(
-                        None, load_generative, config, files
+                    language_model = await loop.run_in_executor(
+                        None, _load_language_model, config, files
                     )
-                    runner = Runner(config, generative.module)
-                    engine = GenerationEngine(
-                        generative, config.generation.max_sequences, self._executor
-                    )
+                    parts: dict[str, Any] = {
+                        "engine": GenerationEngine(language_model, self._executor)
+                    }
                 else:
-                    runner = await asyncio.get_running_loop().run_in_executor(
-                        None, load_runner, config, files
-                    )
+                    runner = await loop.run_in_executor(None, load_runner, config, files)
+                    parts = {"runner": runner, "batcher": Batcher(config, runner.run)}
             except EdgeInferError as error:
                 self._failed(entry, error)
                 if strict:
@@ -174,11 +192,9 @@ class ModelManager:
             loaded = LoadedVersion(
                 config=config,
                 files=files,
-                runner=runner,
-                batcher=Batcher(config, runner.run),
                 fingerprint=fingerprint,
                 size_bytes=files.artifact.stat().st_size,
-                engine=engine,
+                **parts,
             )
             previous = entry.serving
             entry.serving, entry.state, entry.reason = loaded, ModelState.READY, ""
@@ -277,3 +293,10 @@ class ModelManager:
         task = asyncio.create_task(previous.close())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+
+def _load_language_model(config: ModelConfig, files: VersionFiles) -> LanguageModel:
+    """Load and warm up a language model; ConfigError says why it cannot serve."""
+    model = load_language_model(files.folder, config)
+    model.warm_up()
+    return model

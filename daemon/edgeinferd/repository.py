@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,13 @@ from edgeinferd.errors import ConfigError, InvalidInput, ModelNotFound
 from edgeinferd.toml_fields import Table, load_toml
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-ARTIFACT_FILES = {"torchscript": "model.pt", "exported_program": "model.pt2"}
+ARTIFACT_FILES = {
+    "torchscript": "model.pt",
+    "exported_program": "model.pt2",
+    # A language model: weights only (with llm.json, tokenizer.json beside it);
+    # the daemon's own engine runs them. Written by `edgeinferd import`.
+    "llm": "model.safetensors",
+}
 
 
 @dataclass(frozen=True)
@@ -55,8 +62,17 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    tokenizer: str
-    max_sequences: int = 8
+    """A language model's ``[generation]`` table: what its slots reserve and how it runs."""
+
+    #: Sequences generated at once; each has a slot of ``context`` positions in the cache.
+    max_sequences: int = 4
+    #: Positions (prompt plus generated tokens) one sequence may reach.
+    context: int = 2048
+    #: Prompt tokens run in one call; longer prompts are prefilled chunk by chunk,
+    #: between decode steps of the other sequences.
+    prefill_chunk: int = 256
+    #: Threads of the forward passes (torch's intra-op pool).
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -216,11 +232,25 @@ def parse_model_config(name: str, data: dict[str, Any], file: str) -> ModelConfi
         raise root.error("version", f"expected a version folder name like '1', got {version!r}")
     max_batch_size = root.integer("max_batch_size", 0, minimum=0, maximum=65536)
     description = root.string("description", "")
+    generation_table = root.table("generation")
+    generative = bool(generation_table.data)
     inputs = tuple(_tensor_spec(t) for t in root.tables("inputs"))
     outputs = tuple(_tensor_spec(t) for t in root.tables("outputs"))
-    if not inputs:
+    if generative:
+        if fmt not in (None, "llm"):
+            raise root.error(
+                "format", "a model with a [generation] table is a language model: 'llm'"
+            )
+        fmt = "llm"
+        if inputs or outputs:
+            raise root.error(
+                "inputs", "a language model has no [[inputs]] or [[outputs]]; it takes Generate"
+            )
+    elif fmt == "llm":
+        raise root.error("generation", "missing; a language model needs a [generation] table")
+    if not inputs and not generative:
         raise root.error("inputs", "missing; expected at least one [[inputs]] table")
-    if not outputs:
+    if not outputs and not generative:
         raise root.error("outputs", "missing; expected at least one [[outputs]] table")
     for key, specs in (("inputs", inputs), ("outputs", outputs)):
         names = [s.name for s in specs]
@@ -247,11 +277,14 @@ def parse_model_config(name: str, data: dict[str, Any], file: str) -> ModelConfi
     instances_table.finish()
 
     generation = None
-    generation_table = root.table("generation")
-    if generation_table.data:
+    if generative:
         generation = GenerationConfig(
-            tokenizer=generation_table.string("tokenizer"),
-            max_sequences=generation_table.integer("max_sequences", 8, minimum=1, maximum=1024),
+            max_sequences=generation_table.integer("max_sequences", 4, minimum=1, maximum=256),
+            context=generation_table.integer("context", 2048, minimum=16, maximum=1 << 20),
+            prefill_chunk=generation_table.integer("prefill_chunk", 256, minimum=1, maximum=8192),
+            threads=generation_table.integer(
+                "threads", os.cpu_count() or 1, minimum=1, maximum=256
+            ),
         )
         generation_table.finish()
     root.finish()

@@ -1,12 +1,15 @@
 """Continuous batching: every live sequence of a model advances one token per step.
 
-A step is one trip to a worker thread. In it, the sequences that arrived
-since the last step are prefilled (one call each) and take their first
-token, and every sequence already running decodes its next token in a
-single batched call over the padded caches (edgeinferd.generation.cache).
-Between steps, on the event loop, finished, cancelled and expired
+A step is one trip to a worker thread. In it, every sequence already decoding
+takes its next token in one batched call over the cache slots they occupy
+(0 .. n - 1), and the sequence being prefilled runs one chunk of its prompt
+(``prefill_chunk`` tokens) into the next slot; when its prompt is done it takes
+its first token and decodes with the others from the next step on. So a long
+prompt delays the others' tokens by one chunk per step, never by the whole
+prompt. Between steps, on the event loop, finished, cancelled and expired
 sequences leave and new ones join, so a caller never waits for another
 caller's generation to end, and N callers cost one decoding loop, not N.
+This is llama.cpp's server loop (slots, one batch per step), in small.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import AsyncGenerator
 from concurrent.futures import Executor
 
 import structlog
+import torch
 
 from edgeinferd.errors import (
     Cancelled,
@@ -26,7 +30,7 @@ from edgeinferd.errors import (
     ModelExecutionError,
     Overloaded,
 )
-from edgeinferd.generation.model import GenerativeModel
+from edgeinferd.generation.model import LanguageModel
 from edgeinferd.generation.sampling import sample
 from edgeinferd.generation.sequence import (
     FinishReason,
@@ -40,13 +44,14 @@ log = structlog.get_logger("edgeinferd.generation")
 
 
 class GenerationEngine:
-    def __init__(self, model: GenerativeModel, max_sequences: int, executor: Executor) -> None:
+    def __init__(self, model: LanguageModel, executor: Executor) -> None:
         self.model = model
-        self.max_sequences = max_sequences
+        self.max_sequences = model.serving.max_sequences
         self._executor = executor
-        self._batch = model.new_batch()
-        #: Sequences with a row in ``_batch``, in row order (the step thread's).
+        #: Decoding sequences; ``_rows[i]`` occupies cache slot i (the step thread's).
         self._rows: list[Sequence] = []
+        #: The sequence whose prompt is being prefilled, in slot ``len(_rows)``.
+        self._prefilling: Sequence | None = None
         self._pending: list[Sequence] = []
         #: Every sequence holding a slot: pending, decoding, or finishing this step.
         self._slots: set[Sequence] = set()
@@ -131,7 +136,8 @@ class GenerationEngine:
         )
 
     def _expire(self, now: float) -> None:
-        for sequence in [*self._pending, *self._rows]:
+        prefilling = [self._prefilling] if self._prefilling is not None else []
+        for sequence in [*self._pending, *prefilling, *self._rows]:
             if sequence.live and sequence.deadline is not None and now >= sequence.deadline:
                 sequence.queue.put_nowait(
                     DeadlineExceeded(
@@ -146,20 +152,29 @@ class GenerationEngine:
         while True:
             self._expire(time.monotonic())
             self._pending = [s for s in self._pending if s.live]
-            if not self._pending and not any(s.live for s in self._rows):
+            if self._prefilling is not None and not self._prefilling.live:
+                self._prefilling = None
+            if self._prefilling is None and self._pending:
+                self._prefilling = self._pending.pop(0)
+            if self._prefilling is None and not any(s.live for s in self._rows):
                 if self._closing:
                     return
+                self._rows = []
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            joining, self._pending = self._pending, []
-            rows = self._rows
+            rows, prefilling = self._rows, self._prefilling
+            taking_part = [*rows, *([prefilling] if prefilling is not None else [])]
             try:
-                self._rows = await loop.run_in_executor(self._executor, self._step, rows, joining)
+                self._rows, done = await loop.run_in_executor(
+                    self._executor, self._step, rows, prefilling
+                )
             except Exception as error:
-                self._fail([*rows, *joining], error)
+                self._fail(taking_part, error)
                 continue
-            for sequence in [*rows, *joining]:
+            if done:
+                self._prefilling = None
+            for sequence in taking_part:
                 if sequence.outbox and not sequence.ended:
                     for event in sequence.outbox:
                         sequence.queue.put_nowait(event)
@@ -179,26 +194,62 @@ class GenerationEngine:
             if not sequence.ended:
                 sequence.queue.put_nowait(failure)
                 self._end(sequence, None)
-        self._batch = self.model.new_batch()
         self._rows = []
+        self._prefilling = None
 
-    def _step(self, rows: list[Sequence], joining: list[Sequence]) -> list[Sequence]:
-        """Worker thread: drop dead rows, decode the live ones, prefill the newcomers."""
+    def _step(
+        self, rows: list[Sequence], prefilling: Sequence | None
+    ) -> tuple[list[Sequence], bool]:
+        """Worker thread: close the gaps left by dead rows, decode the live ones, prefill
+        one chunk. Returns the decoding rows for the next step, and whether the prefill
+        is over (its prompt done, or the sequence gone)."""
         self.steps += 1
-        keep = [i for i, s in enumerate(rows) if s.live]
-        self._batch.keep(keep)
-        decoding = [rows[i] for i in keep]
-        if decoding:
-            logits = self.model.decode(self._batch, [s.generated[-1] for s in decoding])
-            for sequence, row in zip(decoding, logits, strict=True):
-                sequence.steps += 1
-                sequence.accept(sample(row, sequence.params.sampling, sequence.generator))
-        for sequence in joining:
+        model = self.model
+        decoding: list[Sequence] = []
+        for sequence in rows:
             if not sequence.live:
                 continue
-            last, cache = self.model.prefill(list(sequence.params.prompt))
-            sequence.steps += 1
-            sequence.accept(sample(last, sequence.params.sampling, sequence.generator))
-            self._batch.add(cache)
+            slot = len(decoding)
+            if sequence.slot != slot:
+                model.move(sequence.slot, slot, sequence.length)
+                sequence.slot = slot
             decoding.append(sequence)
-        return decoding
+        if decoding:
+            logits = model.decode([s.generated[-1] for s in decoding], [s.length for s in decoding])
+            for sequence, row in zip(decoding, logits, strict=True):
+                sequence.steps += 1
+                sequence.accept(self._sample(sequence, row))
+        next_rows = [s for s in decoding if s.live]
+        if prefilling is None or not prefilling.live:
+            return next_rows, True
+        # The prefilling sequence sits right after the decoding ones.
+        slot = len(decoding)
+        if prefilling.slot != slot:
+            if prefilling.slot >= 0:
+                model.move(prefilling.slot, slot, prefilling.prefilled)
+            prefilling.slot = slot
+        prompt = prefilling.params.prompt
+        start = prefilling.prefilled
+        chunk = list(prompt[start : start + model.serving.prefill_chunk])
+        last = model.prefill(slot, chunk, start)
+        prefilling.prefilled += len(chunk)
+        if prefilling.prefilled < len(prompt):
+            return next_rows, False
+        prefilling.steps += 1
+        prefilling.accept(self._sample(prefilling, last))
+        if prefilling.live:
+            # Its slot must follow the rows that stay; a row that ended this step left a gap.
+            target = len(next_rows)
+            if target != slot:
+                model.move(slot, target, prefilling.length)
+                prefilling.slot = target
+            next_rows.append(prefilling)
+        return next_rows, True
+
+    @staticmethod
+    def _sample(sequence: Sequence, logits: torch.Tensor) -> int:
+        params = sequence.params.sampling
+        history: list[int] = []
+        if params.repetition_penalty != 1.0:
+            history = [*sequence.params.prompt, *sequence.generated]
+        return sample(logits, params, sequence.generator, history)

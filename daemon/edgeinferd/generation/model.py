@@ -1,212 +1,206 @@
-"""The generation interface of an artifact, checked against its config.toml.
+"""A language model ready to serve: weights, tokenizer, chat template and its cache.
 
-A generative artifact is an ordinary TorchScript (or torch.export) module
-whose ``forward`` is pure: it takes new tokens plus the key/value cache of
-the tokens before them and returns logits and the new tokens' keys/values.
-The daemon owns every cache, so one call can decode many sequences of
-different lengths (docs/generation.md has the contract):
-
-    forward(tokens     int64[B, T],
-            positions  int64[B, T],
-            cache      float[B, L, 2, H, S, D],
-            cache_mask bool[B, S])
-        -> (logits     float[B, T, V],
-            new_cache  float[B, L, 2, H, T, D])
-
-The config declares these four inputs and two outputs by name; their fixed
-dimensions give the geometry (L layers, H heads, D per head, V tokens) and
-``cache`` dimension 4 gives the context length (the most positions).
+Loaded from a version folder written by ``edgeinferd import`` (see
+importer/write.py for the files). Weights are memory-mapped from
+safetensors; nothing in the folder is code. The methods here are what the
+engine (engine.py) calls from its step thread: ``prefill`` a prompt into a
+slot, ``decode`` one token for every occupied slot, ``move`` a sequence to
+another slot.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
+from safetensors import safe_open
 
-from edgeinferd.errors import ConfigError, ModelExecutionError
-from edgeinferd.generation.cache import KVBatch
+from edgeinferd.errors import ConfigError
+from edgeinferd.generation.cache import KVCache
+from edgeinferd.generation.chat import ChatTemplate
+from edgeinferd.generation.llama import ARCHITECTURES, Llama, LlamaConfig
 from edgeinferd.generation.tokenizer import Tokenizer, load_tokenizer
-from edgeinferd.repository import ModelConfig, VersionFiles
+from edgeinferd.repository import ModelConfig
 
-INPUTS = ("tokens", "positions", "cache", "cache_mask")
-OUTPUTS = ("logits", "new_cache")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
+log = structlog.get_logger("edgeinferd.generation")
 
 _thread_state = threading.local()
 
 
 @dataclass(frozen=True)
-class Geometry:
-    layers: int
-    heads: int
-    head_dim: int
-    vocab_size: int
+class Serving:
+    """How a loaded model serves: slots, their context, prefill chunk, threads."""
+
+    max_sequences: int
     context: int
-    dtype: torch.dtype
+    prefill_chunk: int
+    threads: int
 
 
-def read_geometry(config: ModelConfig) -> Geometry:
-    """Check the declared interface and read the cache geometry from it."""
-    where = f"{config.name}/config.toml"
-    names = tuple(spec.name for spec in config.inputs)
-    if names != INPUTS:
-        raise ConfigError(
-            where, "inputs", f"a generative model takes {', '.join(INPUTS)} (in that order)"
-        )
-    if tuple(spec.name for spec in config.outputs) != OUTPUTS:
-        raise ConfigError(
-            where, "outputs", f"a generative model returns {', '.join(OUTPUTS)} (in that order)"
-        )
-    if config.max_batch_size:
-        raise ConfigError(
-            where, "max_batch_size", "must be 0 for a generative model (shapes name the batch)"
-        )
-    tokens, positions, cache, mask = config.inputs
-    logits, new_cache = config.outputs
-    expected = {
-        "inputs[0]": (tokens, "int64", 2),
-        "inputs[1]": (positions, "int64", 2),
-        "inputs[2]": (cache, cache.dtype, 6),
-        "inputs[3]": (mask, "bool", 2),
-        "outputs[0]": (logits, cache.dtype, 3),
-        "outputs[1]": (new_cache, cache.dtype, 6),
-    }
-    for field, (spec, dtype, rank) in expected.items():
-        if spec.dtype != dtype or len(spec.shape) != rank:
-            raise ConfigError(where, field, f"{spec.name!r} must be {dtype} with {rank} dimensions")
-    if cache.dtype not in _DTYPES:
-        raise ConfigError(where, "inputs[2].dtype", f"expected one of {', '.join(_DTYPES)}")
-    layers, two, heads, context, head_dim = cache.shape[1:]
-    if two != 2 or min(layers, heads, context, head_dim) < 1:
-        raise ConfigError(
-            where,
-            "inputs[2].shape",
-            "expected [-1, layers, 2, heads, context, head_dim] with every size given",
-        )
-    if new_cache.shape[1:4] != (layers, 2, heads) or new_cache.shape[5] != head_dim:
-        raise ConfigError(where, "outputs[1].shape", "must match the cache's geometry")
-    vocab_size = logits.shape[2]
-    if vocab_size < 1:
-        raise ConfigError(where, "outputs[0].shape", "the last dimension is the vocabulary size")
-    return Geometry(layers, heads, head_dim, vocab_size, context, _DTYPES[cache.dtype])
-
-
-class GenerativeModel:
-    """A loaded generative artifact: prefill one prompt, decode many sequences."""
-
+class LanguageModel:
     def __init__(
-        self, config: ModelConfig, module: Any, tokenizer: Tokenizer, geometry: Geometry
-    ) -> None:
-        self.config = config
-        self.module = module
-        self.tokenizer = tokenizer
-        self.geometry = geometry
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    def new_batch(self) -> KVBatch:
-        g = self.geometry
-        return KVBatch(g.layers, g.heads, g.head_dim, g.context, g.dtype)
-
-    def _call(
         self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        cache: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if getattr(_thread_state, "threads", None) != self.config.threads:
-            torch.set_num_threads(self.config.threads)
-            _thread_state.threads = self.config.threads
-        try:
-            with torch.inference_mode():
-                logits, new_cache = self.module(tokens, positions, cache, mask)
-        except Exception as error:
-            message = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-            raise ModelExecutionError(
-                f"model {self.name!r} failed in its forward pass: {type(error).__name__}"
-                + (f": {message}" if message else "")
-            ) from error
-        batch, count = tokens.shape
-        g = self.geometry
-        if tuple(logits.shape) != (batch, count, g.vocab_size) or tuple(new_cache.shape) != (
-            batch,
-            g.layers,
-            2,
-            g.heads,
-            count,
-            g.head_dim,
-        ):
-            raise ModelExecutionError(
-                f"model {self.name!r} returned logits {list(logits.shape)} and new_cache"
-                f" {list(new_cache.shape)} for tokens {[batch, count]}; see docs/generation.md"
-            )
-        return logits, new_cache
+        name: str,
+        llama: Llama,
+        tokenizer: Tokenizer,
+        chat_template: ChatTemplate | None,
+        stop_token_ids: frozenset[int],
+        serving: Serving,
+        weights: str,
+    ) -> None:
+        self.name = name
+        self.llama = llama
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.stop_token_ids = stop_token_ids
+        self.serving = serving
+        self.weights = weights
+        self.vocab_size = llama.config.vocab_size
+        self.context = serving.context
+        self.cache = KVCache(
+            llama.config.layers,
+            serving.max_sequences,
+            llama.config.kv_heads,
+            serving.context,
+            llama.config.head_dim,
+        )
 
-    def prefill(self, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run a whole prompt: the last position's logits [V] and its cache [L, 2, H, n, D]."""
-        g = self.geometry
-        count = len(prompt)
-        tokens = torch.tensor([prompt], dtype=torch.int64)
-        positions = torch.arange(count, dtype=torch.int64).unsqueeze(0)
-        # One masked-out slot rather than an empty cache: sizes 0 trip up exported graphs.
-        cache = torch.zeros(1, g.layers, 2, g.heads, 1, g.head_dim, dtype=g.dtype)
-        mask = torch.zeros(1, 1, dtype=torch.bool)
-        logits, new_cache = self._call(tokens, positions, cache, mask)
-        return logits[0, -1], new_cache[0]
+    def _threads(self) -> None:
+        if getattr(_thread_state, "threads", None) != self.serving.threads:
+            torch.set_num_threads(self.serving.threads)
+            _thread_state.threads = self.serving.threads
 
-    def decode(self, batch: KVBatch, last_tokens: list[int]) -> torch.Tensor:
-        """One token for every row of ``batch``; appends their keys/values; logits [B, V]."""
-        tokens = torch.tensor(last_tokens, dtype=torch.int64).unsqueeze(1)
-        positions = batch.lengths.unsqueeze(1)
-        cache, mask = batch.view()
-        logits, new_cache = self._call(tokens, positions, cache, mask)
-        batch.append(new_cache[:, :, :, :, 0, :])
-        return logits[:, 0, :]
+    def prefill(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        """Run ``tokens`` (positions ``start..``) into ``slot``; the last one's logits [V]."""
+        self._threads()
+        ids = torch.tensor([tokens], dtype=torch.int64)
+        positions = torch.arange(start, start + len(tokens), dtype=torch.int64).unsqueeze(0)
+        with torch.inference_mode():
+            return self.llama.forward(ids, positions, self.cache, slot)[0]
+
+    def decode(self, last_tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for slots ``0 .. len(last_tokens) - 1``; logits [B, V]."""
+        self._threads()
+        ids = torch.tensor(last_tokens, dtype=torch.int64).unsqueeze(1)
+        where = torch.tensor(positions, dtype=torch.int64).unsqueeze(1)
+        with torch.inference_mode():
+            return self.llama.forward(ids, where, self.cache, 0)
+
+    def move(self, source: int, target: int, length: int) -> None:
+        self.cache.move(source, target, length)
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [T, V] at every position of one sequence, in a private cache (for scoring)."""
+        self._threads()
+        c = self.llama.config
+        cache = KVCache(c.layers, 1, c.kv_heads, len(token_ids), c.head_dim)
+        ids = torch.tensor([token_ids], dtype=torch.int64)
+        positions = torch.arange(len(token_ids), dtype=torch.int64).unsqueeze(0)
+        with torch.inference_mode():
+            return self.llama.forward(ids, positions, cache, 0, last_only=False)[0]
 
     def warm_up(self) -> None:
-        """Prefill two prompts and decode them together: checks the contract, fills caches."""
-        vocab = min(self.geometry.vocab_size, self.tokenizer.vocab_size)
-        batch = self.new_batch()
-        last = []
-        for prompt in ([0], [vocab - 1, 0, vocab - 1]):
-            logits, cache = self.prefill(prompt)
-            batch.add(cache)
-            last.append(int(torch.argmax(logits).item()))
-        for _ in range(3):
-            logits = self.decode(batch, last)
-            last = [int(i) for i in torch.argmax(logits, dim=-1).tolist()]
-        batch.keep([1])
-        self.decode(batch, last[1:])
+        """Prefill and decode a few tokens: checks the weights run, fills allocator caches."""
+        first = self.prefill(0, [0, 1, 2], 0)
+        self.decode([int(torch.argmax(first).item())], [3])
 
 
-def load_generative(config: ModelConfig, files: VersionFiles) -> GenerativeModel:
-    """Load, check and warm up a generative version; ConfigError says why it can't serve."""
-    from edgeinferd.runtime import load_module
-
-    assert config.generation is not None
-    geometry = read_geometry(config)
-    tokenizer_path = files.folder / config.generation.tokenizer
-    where = f"{config.name}/{files.version}/{config.generation.tokenizer}"
-    if tokenizer_path.resolve().parent != files.folder.resolve():
-        raise ConfigError(where, "", "the tokenizer must lie in the version folder")
-    tokenizer = load_tokenizer(tokenizer_path, where)
-    if tokenizer.vocab_size > geometry.vocab_size:
-        raise ConfigError(
-            where,
-            "",
-            f"{tokenizer.vocab_size} tokens, but the model's logits cover {geometry.vocab_size}",
-        )
-    model = GenerativeModel(config, load_module(files), tokenizer, geometry)
+def _read_json(path: Path, where: str) -> dict[str, Any]:
     try:
-        model.warm_up()
-    except ModelExecutionError as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         raise ConfigError(
-            f"{config.name}/config.toml", "inputs", f"warm-up generation failed: {error}"
+            where, "", "missing (import the model with `edgeinferd import`)"
         ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(where, "", f"unreadable: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(where, "", "expected a JSON object")
+    return data
+
+
+def _token_text(tokenizer: Tokenizer, token_id: int | None) -> str:
+    if token_id is None:
+        return ""
+    return str(tokenizer._backend.id_to_token(token_id) or "")
+
+
+def load_language_model(folder: Path, config: ModelConfig | None = None) -> LanguageModel:
+    """Load a version folder; ``config`` (the model's config.toml) sets slots and context.
+
+    Without ``config`` (tools, benchmarks): one slot of the model's own context.
+    """
+    name = config.name if config is not None else folder.parent.name
+    where = f"{name}/{folder.name}"
+    llm = _read_json(folder / "llm.json", f"{where}/llm.json")
+    try:
+        architecture = LlamaConfig.from_dict(llm["architecture"])
+    except (KeyError, TypeError) as error:
+        raise ConfigError(f"{where}/llm.json", "architecture", f"invalid: {error}") from None
+    if architecture.architecture not in ARCHITECTURES:
+        raise ConfigError(
+            f"{where}/llm.json",
+            "architecture.architecture",
+            f"{architecture.architecture!r} is not one of {', '.join(ARCHITECTURES)}",
+        )
+    generation = config.generation if config is not None else None
+    context = generation.context if generation is not None else architecture.max_context
+    if context > architecture.max_context:
+        raise ConfigError(
+            f"{name}/config.toml",
+            "generation.context",
+            f"{context} is more than the {architecture.max_context} positions the model was"
+            " trained for",
+        )
+    serving = Serving(
+        max_sequences=generation.max_sequences if generation is not None else 1,
+        context=context,
+        prefill_chunk=generation.prefill_chunk if generation is not None else 512,
+        threads=generation.threads if generation is not None else torch.get_num_threads(),
+    )
+    bos = llm.get("bos_token_id")
+    tokenizer = load_tokenizer(
+        folder / "tokenizer.json", f"{where}/tokenizer.json", bos, bool(llm.get("add_bos"))
+    )
+    template_path = folder / "chat_template.jinja"
+    template = None
+    if template_path.is_file():
+        stops = llm.get("stop_token_ids") or []
+        template = ChatTemplate(
+            template_path.read_text(encoding="utf-8"),
+            bos_token=_token_text(tokenizer, bos),
+            eos_token=_token_text(tokenizer, stops[0] if stops else None),
+            where=f"{where}/chat_template.jinja",
+        )
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as stored:
+            tensors = {key: stored.get_tensor(key) for key in stored.keys()}  # noqa: SIM118
+        llama = Llama(architecture, tensors, context)
+    except (KeyError, RuntimeError, OSError, ValueError) as error:
+        raise ConfigError(f"{where}/model.safetensors", "", f"unusable weights: {error}") from None
+    del tensors
+    model = LanguageModel(
+        name,
+        llama,
+        tokenizer,
+        template,
+        frozenset(int(i) for i in llm.get("stop_token_ids") or []),
+        serving,
+        str(llm.get("weights", "none")),
+    )
+    log.info(
+        "language model loaded",
+        model=name,
+        architecture=architecture.architecture,
+        weights=model.weights,
+        weight_mib=round(llama.weight_bytes() / 2**20, 1),
+        kv_cache_mib=round(model.cache.nbytes / 2**20, 1),
+        max_sequences=serving.max_sequences,
+        context=serving.context,
+    )
     return model

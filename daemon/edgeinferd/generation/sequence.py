@@ -17,8 +17,11 @@ from edgeinferd.generation.tokenizer import Tokenizer
 class FinishReason(enum.Enum):
     #: max_new_tokens were generated.
     LENGTH = "LENGTH"
-    #: A stop sequence appeared (it is not part of the text).
+    #: The model ended its answer (an end-of-sequence token such as EOS or <|im_end|>),
+    #: or a stop sequence appeared (neither is part of the text).
     STOP = "STOP"
+    #: The sequence filled its slot's context: no position is left to continue.
+    CONTEXT = "CONTEXT"
     #: The daemon stopped it: the model was unloaded or the daemon is shutting down.
     CANCELLED = "CANCELLED"
 
@@ -29,6 +32,10 @@ class GenerationParams:
 
     prompt: tuple[int, ...]
     max_new_tokens: int
+    #: Token ids that end the generation (the model's EOS and end-of-turn tokens).
+    stop_token_ids: frozenset[int] = frozenset()
+    #: The slot's context: prompt plus generated tokens never pass it.
+    context: int = 2**31
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -85,10 +92,19 @@ class Sequence:
         self.outbox: list[GenerationEvent] = []
         self.queue: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
         self.ended = False
+        #: The cache slot it occupies (engine.py moves sequences between slots).
+        self.slot = -1
+        #: Prompt tokens already in the cache; the prompt is prefilled in chunks.
+        self.prefilled = 0
 
     @property
     def live(self) -> bool:
         return self.finish is None and not self.cancelled
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache once the next step has fed the last generated one."""
+        return len(self.params.prompt) + len(self.generated) - 1
 
     def accept(self, token: int) -> None:
         """Record a sampled token and decide whether the sequence is done (step thread)."""
@@ -97,12 +113,19 @@ class Sequence:
             self.first_token_at = now
         self.last_token_at = now
         self.generated.append(token)
-        piece, stopped = self.text.push(token)
-        if stopped:
+        if token in self.params.stop_token_ids:
             self.finish = FinishReason.STOP
-        elif len(self.generated) >= self.params.max_new_tokens:
-            self.finish = FinishReason.LENGTH
-            piece += self.text.finish()
+            piece = self.text.finish()
+        else:
+            piece, stopped = self.text.push(token)
+            if stopped:
+                self.finish = FinishReason.STOP
+            elif len(self.generated) >= self.params.max_new_tokens:
+                self.finish = FinishReason.LENGTH
+                piece += self.text.finish()
+            elif len(self.params.prompt) + len(self.generated) >= self.params.context:
+                self.finish = FinishReason.CONTEXT
+                piece += self.text.finish()
         self.outbox.append(GenerationChunk((token,), piece))
         if self.finish is not None:
             self.outbox.append(self.summary(self.finish))

@@ -1,156 +1,66 @@
-"""Tokenizers for generative models, read from the JSON file named in config.toml.
+"""A model's tokenizer: the `tokenizers` library reading the version's tokenizer.json.
 
-Two kinds exist, both small enough to carry no code and no merges table:
-
-``{"type": "byte"}``
-    Token *i* is byte *i* (256 tokens); any text can be encoded. Text is decoded
-    incrementally, so a character split over several tokens is only shown once
-    all of its bytes have arrived.
-``{"type": "char", "vocab": ["\\n", " ", "a", ...], "unknown": "?"}``
-    Token *i* is the *i*-th string of ``vocab`` (one character each). A prompt
-    character outside the vocabulary becomes ``unknown`` when one is given and
-    is refused otherwise.
+The same file Hugging Face ships (or ``edgeinferd import`` builds from a GGUF
+vocabulary); no code from it runs. Text is decoded incrementally
+(``DecodeStream``), so a character split over several byte-level tokens is
+shown once all of its bytes have arrived, and special tokens (``<|im_end|>``)
+are never shown.
 """
 
 from __future__ import annotations
 
-import codecs
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
 
-from edgeinferd.errors import ConfigError, InvalidInput
+from tokenizers import Tokenizer as _Backend
+from tokenizers.decoders import DecodeStream
+
+from edgeinferd.errors import ConfigError
 
 
-class Decoder(Protocol):
+class Decoder:
     """Turns token ids into text one at a time, keeping partial characters back."""
 
-    def decode(self, token_id: int) -> str: ...
-
-    def flush(self) -> str: ...
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-    def decoder(self) -> Decoder: ...
-
-    def to_json(self) -> dict[str, Any]: ...
-
-
-class _ByteDecoder:
-    def __init__(self) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    def __init__(self, backend: _Backend) -> None:
+        self._backend = backend
+        self._stream = DecodeStream(skip_special_tokens=True)
 
     def decode(self, token_id: int) -> str:
-        return self._utf8.decode(bytes((token_id,)))
-
-    def flush(self) -> str:
-        return self._utf8.decode(b"", final=True)
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: no unknown characters, ever."""
-
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
-
-    def decoder(self) -> Decoder:
-        return _ByteDecoder()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"type": "byte"}
-
-
-class _CharDecoder:
-    def __init__(self, vocab: Sequence[str]) -> None:
-        self._vocab = vocab
-
-    def decode(self, token_id: int) -> str:
-        return self._vocab[token_id]
+        return self._stream.step(self._backend, token_id) or ""
 
     def flush(self) -> str:
         return ""
 
 
-class CharTokenizer:
-    """One token per character of a fixed vocabulary."""
-
-    def __init__(self, vocab: Sequence[str], unknown: str | None = None) -> None:
-        self.vocab = list(vocab)
-        self.vocab_size = len(self.vocab)
-        self._ids = {char: index for index, char in enumerate(self.vocab)}
-        self.unknown = unknown
-        self._unknown_id = self._ids[unknown] if unknown is not None else None
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls(sorted(set(text)))
+class Tokenizer:
+    def __init__(self, backend: _Backend, bos_token_id: int | None, add_bos: bool) -> None:
+        self._backend = backend
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.bos_token_id = bos_token_id
+        self.add_bos = add_bos and bos_token_id is not None
 
     def encode(self, text: str) -> list[int]:
-        ids = []
-        for char in text:
-            token = self._ids.get(char, self._unknown_id)
-            if token is None:
-                raise InvalidInput(
-                    f"the prompt contains {char!r}, which is not in the model's vocabulary"
-                    f" of {self.vocab_size} characters"
-                )
-            ids.append(token)
+        """Token ids of ``text``; special tokens written in it (``<|im_start|>``) stay whole."""
+        ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_token_id is not None:
+            ids.insert(0, self.bos_token_id)
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return "".join(self.vocab[i] for i in ids)
+        return str(self._backend.decode(list(ids), skip_special_tokens=True))
 
     def decoder(self) -> Decoder:
-        return _CharDecoder(self.vocab)
-
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"type": "char", "vocab": self.vocab}
-        if self.unknown is not None:
-            data["unknown"] = self.unknown
-        return data
+        return Decoder(self._backend)
 
 
-def load_tokenizer(path: Path, where: str) -> Tokenizer:
-    """Read a tokenizer file; ConfigError names the file and what is wrong."""
+def load_tokenizer(
+    path: Path, where: str, bos_token_id: int | None = None, add_bos: bool = False
+) -> Tokenizer:
+    """Read tokenizer.json; ConfigError names the file and what is wrong."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        backend = _Backend.from_file(str(path))
     except FileNotFoundError:
         raise ConfigError(where, "", "tokenizer file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(where, "", f"unreadable: {error}") from None
-    return tokenizer_from_json(data, where)
-
-
-def tokenizer_from_json(data: Any, where: str) -> Tokenizer:
-    if not isinstance(data, dict):
-        raise ConfigError(where, "", "expected a JSON object")
-    kind = data.get("type")
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "char":
-        vocab = data.get("vocab")
-        if (
-            not isinstance(vocab, list)
-            or not vocab
-            or not all(isinstance(c, str) and len(c) == 1 for c in vocab)
-        ):
-            raise ConfigError(where, "vocab", "expected a non-empty list of single characters")
-        if len(set(vocab)) != len(vocab):
-            raise ConfigError(where, "vocab", "a character appears twice")
-        unknown = data.get("unknown")
-        if unknown is not None and unknown not in vocab:
-            raise ConfigError(where, "unknown", f"{unknown!r} is not in vocab")
-        return CharTokenizer(vocab, unknown)
-    raise ConfigError(where, "type", f"expected 'byte' or 'char', got {kind!r}")
+    except Exception as error:  # the library raises plain Exception for a bad file
+        raise ConfigError(where, "", f"unreadable tokenizer: {error}") from None
+    return Tokenizer(backend, bos_token_id, add_bos)

@@ -33,6 +33,7 @@ from edgeinfer.tensors import (
     from_bytes,
     shape_repr,
 )
+from edgeinferd.batching import BatchStats
 from edgeinferd.dataplane import (
     DataPlane,
     InferenceRequest,
@@ -307,7 +308,7 @@ def model_statistics(loaded: LoadedVersion, metrics: Metrics) -> pb.ModelStatist
     carry the same count with no time, since tools require equal counts.
     """
     name, version = loaded.config.name, loaded.version
-    stats = loaded.batcher.stats
+    stats = loaded.batcher.stats if loaded.batcher is not None else BatchStats()
     result = pb.ModelStatistics(
         name=name,
         version=version,

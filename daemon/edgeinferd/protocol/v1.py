@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, NamedTuple
 
 import grpc
@@ -31,6 +31,8 @@ from edgeinferd.dataplane import (
     monotonic_deadline,
 )
 from edgeinferd.errors import InvalidInput
+from edgeinferd.generation.chat import Message
+from edgeinferd.generation.params import Sampling
 from edgeinferd.generation.sequence import GenerationChunk, GenerationEvent
 from edgeinferd.metrics import resident_memory_bytes
 from edgeinferd.models import ModelEntry
@@ -95,19 +97,31 @@ def write_to_shared_memory(
 
 
 def decode_generate(message: pb.GenerateRequest, time_remaining: float | None) -> GenerationRequest:
-    prompt: str | list[int] = (
-        list(message.tokens.ids) if message.WhichOneof("prompt") == "tokens" else message.text
-    )
+    kind = message.WhichOneof("prompt")
+    prompt: str | Sequence[int] | list[Message]
+    if kind == "tokens":
+        # Handed on as protobuf's own container: its size is checked before it is copied.
+        prompt = message.tokens.ids
+    elif kind == "messages":
+        prompt = [Message(m.role, m.content) for m in message.messages.messages]
+    else:
+        prompt = message.text
     return GenerationRequest(
         model=message.model,
         prompt=prompt,
         max_new_tokens=message.max_new_tokens,
         version=message.version,
         id=message.id,
-        temperature=message.temperature,
-        top_k=message.top_k,
-        top_p=message.top_p if message.HasField("top_p") else None,
-        seed=message.seed if message.HasField("seed") else None,
+        sampling=Sampling(
+            temperature=message.temperature,
+            top_k=message.top_k,
+            top_p=message.top_p if message.HasField("top_p") else None,
+            min_p=message.min_p,
+            repetition_penalty=(
+                message.repetition_penalty if message.HasField("repetition_penalty") else 1.0
+            ),
+            seed=message.seed if message.HasField("seed") else None,
+        ),
         stop=list(message.stop),
         deadline=monotonic_deadline(time_remaining),
     )
