@@ -113,7 +113,7 @@ class Settings:
         self.decode_tokens = decode_tokens or (16 if quick else 64)
         self.parallel = [1, 8] if quick else [1, 2, 4, 8]
         self.ttft_requests = 3 if quick else 10
-        self.answer_tokens = 64
+        self.answer_tokens = 32 if quick else 64
 
 
 def llama_pass(llama: LlamaCpp, settings: Settings) -> dict[str, Any]:
@@ -154,7 +154,7 @@ def daemon_pass(
         texts = []
         if answers:
             for question in llm_inputs.CHAT_QUESTIONS:
-                stream = caller.answer(llm_inputs.chat_prompt(question), settings.answer_tokens)
+                stream = caller.answer(llm_inputs.SYSTEM_PROMPT, question, settings.answer_tokens)
                 texts.append({"text": stream.text, "tokens": len(stream.token_ids)})
         peak = daemon.peak_rss_bytes()
     finally:
@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                 "passes": [],
             }
             print(f"{form}: perplexity {perplexity['perplexity']:.4f}", flush=True)
+            save(args.json, results)
 
         results["llama_cpp"]["passes"] = []
         for index in range(settings.passes):
@@ -312,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             order = forms if index % 2 == 0 else list(reversed(forms))
             if llama_first:
                 results["llama_cpp"]["passes"].append(llama_pass(llama, settings))
+                save(args.json, results)
             for form in order:
                 assert prompts is not None
                 measured = daemon_pass(
@@ -322,9 +324,11 @@ def main(argv: list[str] | None = None) -> int:
                     answers=index == 0 and form == answer_form(forms),
                 )
                 results["daemon"][form]["passes"].append(measured)
+                save(args.json, results)
                 print(f"pass {index + 1} {form}: {_brief(measured)}", flush=True)
             if not llama_first:
                 results["llama_cpp"]["passes"].append(llama_pass(llama, settings))
+                save(args.json, results)
             print(f"pass {index + 1} llama.cpp: {_brief(results['llama_cpp']['passes'][-1])}")
 
         answers = []
@@ -339,13 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     info["load_average_end"] = machine()["load_average"]
     info["minutes"] = round((datetime.now(UTC) - started_at).total_seconds() / 60, 1)
 
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1, default=str))
+    save(args.json, results)
     report = render(results, settings, forms)
     print(report)
     if args.write_doc:
         write_doc(report)
     return 0
+
+
+def save(path: Path, results: dict[str, Any]) -> None:
+    """Written after every step, so that an interrupted run keeps what it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str))
 
 
 def _brief(measured: dict[str, Any]) -> str:
@@ -396,7 +405,7 @@ def render(results: dict[str, Any], settings: Settings, forms: list[str]) -> str
     lines += _perplexity_table(llama, daemon, forms)
     if forms:
         lines += _targets_table(llama, daemon, settings, forms, info.get("default_form"))
-        lines += _answers_table(llama, daemon, answer_form(forms))
+        lines += _answers_table(llama, daemon, answer_form(forms), settings.answer_tokens)
     return "\n".join(lines)
 
 
@@ -580,12 +589,14 @@ def _targets_table(
     return [*lines, ""]
 
 
-def _answers_table(llama: dict[str, Any], daemon: dict[str, Any], form: str) -> list[str]:
+def _answers_table(
+    llama: dict[str, Any], daemon: dict[str, Any], form: str, tokens: int
+) -> list[str]:
     theirs = llama.get("answers", [])
     ours = daemon[form]["passes"][0]["answers"] if daemon[form]["passes"] else []
     lines = [
         f"Greedy answers, llama.cpp (Q4_1 GGUF) against the daemon's {form} form,"
-        f" up to 64 new tokens:",
+        f" up to {tokens} new tokens:",
         "",
         "| question | identical | common prefix (chars) | llama.cpp | daemon |",
         "|---|---|---:|---|---|",

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import edgeinfer
+from edgeinfer.client import Prompt
 
 MODEL_NAME = "smollm2"
 T = TypeVar("T")
@@ -153,7 +154,7 @@ class Stream:
 
 
 async def _generate(
-    client: edgeinfer.AsyncClient, model: str, prompt: str | list[int], tokens: int
+    client: edgeinfer.AsyncClient, model: str, prompt: Prompt, tokens: int
 ) -> Stream:
     stream = Stream(time.perf_counter())
     async for event in client.generate(model, prompt, max_new_tokens=tokens, temperature=0.0):
@@ -241,8 +242,13 @@ class Caller:
 
         return self._run(serial)
 
-    def answer(self, prompt: str, tokens: int) -> Stream:
-        return self._run(lambda client: _generate(client, self.model, prompt, tokens))
+    def answer(self, system: str, question: str, tokens: int) -> Stream:
+        """A chat answer: the messages go to the daemon, which applies the model's template."""
+        messages = [
+            edgeinfer.ChatMessage("system", system),
+            edgeinfer.ChatMessage("user", question),
+        ]
+        return self._run(lambda client: _generate(client, self.model, messages, tokens))
 
 
 def in_process_model(version: Path, threads: int) -> Any:
