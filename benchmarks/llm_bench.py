@@ -388,7 +388,8 @@ def render(results: dict[str, Any], settings: Settings, forms: list[str]) -> str
         "",
         f"Command: `{info['command']}`. Model: `{info['gguf']['file']}` (sha256"
         f" {info['gguf']['sha256'][:12]}). llama.cpp: {info['llama_cpp']['source']},"
-        f" built with {' '.join(info['llama_cpp']['options'])}.",
+        f" built with {' '.join(info['llama_cpp']['options'])}. Perplexity text:"
+        f" {info['text']['characters']:,} characters, sha256 {info['text']['sha256'][:12]}.",
         "",
     ]
     speed_rows = _speed_rows(llama, daemon, settings, forms)
