@@ -1,4 +1,5 @@
-"""Generative models: tokenizers, sampling, KV caches and the continuous-batching engine.
+"""The language-model engine: a Llama-family decoder, its weight forms, tokenizer, chat
+template, slot KV cache, sampling and the continuous-batching scheduler.
 
-See docs/generation.md for the artifact contract and the protocol.
+See docs/generation.md for the version folder, the settings and the protocol.
 """
