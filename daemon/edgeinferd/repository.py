@@ -198,6 +198,15 @@ def read_manifest(folder: Path, name: str, version: str) -> dict[str, Any] | Non
     return manifest
 
 
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def verify_artifact(files: VersionFiles) -> None:
     """Check the artifact's SHA-256 against its manifest, when there is one."""
     if files.manifest is None:
@@ -206,16 +215,13 @@ def verify_artifact(files: VersionFiles) -> None:
     expected = files.manifest.get("sha256")
     if not isinstance(expected, str):
         raise ConfigError(where, "sha256", "missing; expected the artifact's hex digest")
-    digest = hashlib.sha256()
-    with files.artifact.open("rb") as artifact:
-        for block in iter(lambda: artifact.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected.lower():
+    digest = sha256_of(files.artifact)
+    if digest != expected.lower():
         raise ConfigError(
             where,
             "sha256",
             f"artifact {files.artifact.name} does not match its manifest"
-            f" (sha256 {digest.hexdigest()[:16]}..., manifest says {expected[:16]}...):"
+            f" (sha256 {digest[:16]}..., manifest says {expected[:16]}...):"
             " it was modified or corrupted",
         )
 

@@ -28,7 +28,7 @@ from edgeinferd.generation.quantize import (
     quantize,
 )
 from edgeinferd.importer.checkpoint import Checkpoint, ImportRefused, Weight
-from edgeinferd.repository import check_model_name
+from edgeinferd.repository import check_model_name, sha256_of
 
 #: Engine matrix -> the source weights it is made of (fused row-wise, in order).
 _FUSED = {
@@ -52,14 +52,6 @@ def read_source(source: Path) -> Checkpoint:
     raise ImportRefused(
         f"{source}: no such file or folder (expected a .gguf file or a model folder)"
     )
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _matrix(parts: list[Weight], form: str) -> dict[str, torch.Tensor]:
