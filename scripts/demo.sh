@@ -63,7 +63,7 @@ for line in sys.stdin:
 '
 echo "== edgeinfer chat smollm2 \"What is the capital of France?\"   (Generate: the answer streamed as it is decoded)"
 edgeinfer chat smollm2 "What is the capital of France?"
-echo "== edgeinfer chat smollm2 ... (sampled: temperature, top-p, seed)"
-edgeinfer chat smollm2 "Write a haiku about a small computer." --temperature 0.7 --top-p 0.9 --seed 7 --max-new-tokens 60
+echo "== edgeinfer chat smollm2 ... (sampled: temperature, top-p, repetition penalty, seed)"
+edgeinfer chat smollm2 "Write a haiku about a small computer." --temperature 0.7 --top-p 0.9 --repetition-penalty 1.3 --seed 7 --max-new-tokens 60
 echo
 echo "== stopping edgeinferd"
