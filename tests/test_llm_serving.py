@@ -13,13 +13,14 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
 
 import edgeinfer
 from tests import llm
-from tests.conftest import Daemon
+from tests.conftest import Daemon, StartDaemon
 
 PROMPTS = [
     "The three primary colours are",
@@ -244,3 +245,25 @@ def test_interactive_chat_keeps_the_conversation(llm_daemon: Daemon) -> None:
     first, second = summaries
     # The second prompt holds the first question, its answer and the new question.
     assert second["prompt_tokens"] > first["prompt_tokens"] + first["generated_tokens"]
+
+
+def test_unloading_the_model_cancels_its_running_generations(
+    llm_repo: Path, start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """A private daemon (unloading would disturb the shared one) on one model that shares
+    smollm2's weights; the generation runs until the unload, then ends CANCELLED."""
+    repo = tmp_path / "repo"
+    (repo / "only" / "1").mkdir(parents=True)
+    for file in (llm_repo / llm.NAME / "1").iterdir():
+        os.link(file, repo / "only" / "1" / file.name)
+    (repo / "only" / "config.toml").write_text("[generation]\nmax_sequences = 1\ncontext = 4096\n")
+    daemon = start_daemon(repo)
+    with daemon.client(timeout=300) as client:
+        events = client.generate("only", PROMPTS[0], max_new_tokens=4000, temperature=1.0, seed=1)
+        first = next(events)  # running: it holds the only slot
+        assert isinstance(first, edgeinfer.GenerateChunk)
+        client.unload_model("only")
+        last = list(events)[-1]
+        assert isinstance(last, edgeinfer.GenerateSummary)
+        assert last.finish_reason == "CANCELLED"
+        assert last.generated_tokens < 4000
