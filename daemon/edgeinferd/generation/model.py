@@ -124,12 +124,6 @@ def _read_json(path: Path, where: str) -> dict[str, Any]:
     return data
 
 
-def _token_text(tokenizer: Tokenizer, token_id: int | None) -> str:
-    if token_id is None:
-        return ""
-    return str(tokenizer._backend.id_to_token(token_id) or "")
-
-
 def load_language_model(folder: Path, config: ModelConfig | None = None) -> LanguageModel:
     """Load a version folder; ``config`` (the model's config.toml) sets slots and context.
 
@@ -173,8 +167,8 @@ def load_language_model(folder: Path, config: ModelConfig | None = None) -> Lang
         stops = llm.get("stop_token_ids") or []
         template = ChatTemplate(
             template_path.read_text(encoding="utf-8"),
-            bos_token=_token_text(tokenizer, bos),
-            eos_token=_token_text(tokenizer, stops[0] if stops else None),
+            bos_token=tokenizer.token_text(bos),
+            eos_token=tokenizer.token_text(stops[0] if stops else None),
             where=f"{where}/chat_template.jinja",
         )
     try:

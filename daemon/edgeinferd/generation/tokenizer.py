@@ -52,6 +52,12 @@ class Tokenizer:
     def decoder(self) -> Decoder:
         return Decoder(self._backend)
 
+    def token_text(self, token_id: int | None) -> str:
+        """A token's own spelling (``<|im_end|>``), or "" for none."""
+        if token_id is None:
+            return ""
+        return str(self._backend.id_to_token(token_id) or "")
+
 
 def load_tokenizer(
     path: Path, where: str, bos_token_id: int | None = None, add_bos: bool = False
