@@ -37,7 +37,7 @@ from edgeinferd.generation.sequence import GenerationChunk, GenerationEvent
 from edgeinferd.metrics import resident_memory_bytes
 from edgeinferd.models import ModelEntry
 from edgeinferd.peers import TOKEN_METADATA, PeerTokens
-from edgeinferd.protocol.status import abort_with, status_for
+from edgeinferd.protocol.status import status_for
 from edgeinferd.protocol.streams import answer_in_order
 from edgeinferd.shm import SharedMemoryRegistry
 
@@ -342,14 +342,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
-        try:
-            events = self.dataplane.generate(decode_generate(request, context.time_remaining()))
-            # Closed explicitly when the call ends (cancel, deadline): that frees the slot.
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    yield encode_generation_event(request.id, event)
-        except Exception as error:
-            await abort_with(context, error, request.id)
+        # Errors reach the caller through the server's ErrorBoundary, like every handler's.
+        events = self.dataplane.generate(decode_generate(request, context.time_remaining()))
+        # Closed explicitly when the call ends (cancel, deadline): that frees the slot.
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield encode_generation_event(request.id, event)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
