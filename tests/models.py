@@ -141,7 +141,10 @@ shape = [1]
 {tables}"""
 
 
-SLOW_CONFIG = scalar_config(1, "[instances]\ncount = 2\n")
+#: Its pass time depends on the input's value, not its size, so it must never run
+#: on the event loop (a long call would hold every other caller).
+NEVER_INLINE = "inline_max_us = 0\n"
+SLOW_CONFIG = scalar_config(1, "[instances]\ncount = 2\n" + NEVER_INLINE)
 
 
 def add_slow(repo: Path, name: str = "slow", config: str = SLOW_CONFIG) -> None:

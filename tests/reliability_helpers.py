@@ -19,7 +19,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch import nn
 
-from tests.models import scalar_config, write_model
+from tests.models import NEVER_INLINE, scalar_config, write_model
 
 PREDICT = "/edgeinfer.v1.Inference/Predict"
 PREDICT_STREAM = "/edgeinfer.v1.Inference/PredictStream"
@@ -145,7 +145,7 @@ class Counter(nn.Module):
 
 
 def add_counter(repo: Path, name: str = "counter", queue: int = 1024) -> None:
-    tables = f"[batching]\nmax_queue_size = {queue}\n[instances]\ncount = 1\n"
+    tables = f"[batching]\nmax_queue_size = {queue}\n[instances]\ncount = 1\n{NEVER_INLINE}"
     folder = write_model(repo, name, scalar_config(1, tables))
     torch.jit.script(Counter()).save(str(folder / "model.pt"))
 

@@ -159,7 +159,9 @@ def test_adaptive_delay_makes_a_lone_caller_wait_for_no_one(
 
 
 ADAPTIVE_SLOW_CONFIG = models.scalar_config(
-    2, f'[batching]\nmax_queue_delay_us = {FOREVER_US}\ndelay_policy = "adaptive"\n'
+    2,
+    f'[batching]\nmax_queue_delay_us = {FOREVER_US}\ndelay_policy = "adaptive"\n'
+    f"[instances]\n{models.NEVER_INLINE}",
 )
 
 

@@ -136,6 +136,8 @@ class ModelStats:
     queue_seconds_sum: float
     compute_seconds_sum: float
     total_seconds_sum: float
+    #: Forward passes the daemon ran on its event loop (part of ``batches``).
+    inline_passes: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class Stats:
                     queue_seconds_sum=m.queue_seconds_sum,
                     compute_seconds_sum=m.compute_seconds_sum,
                     total_seconds_sum=m.total_seconds_sum,
+                    inline_passes=m.inline_passes,
                 )
                 for m in stats.models
             ],

@@ -10,6 +10,13 @@ event-loop task, keeps the loop's share of each call to an append and a future:
 the loop is what limits a small model's throughput. With
 ``max_queue_delay_us = 0`` a worker never waits for more calls: under load
 batches form by themselves, and a lone caller pays nothing.
+
+A pass shorter than the hand-off itself runs on the event loop instead
+("inline"): when nothing is queued or running, the loop has no other work
+waiting, and the model's measured pass time for the call's size is under
+``[instances] inline_max_us``. Handing a 50 µs pass to a thread and back costs
+more than the pass; under concurrent load, when the loop is the bottleneck,
+calls still go to the workers, where they batch and run beside the loop.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+import structlog
 
 from edgeinferd.errors import (
     Cancelled,
@@ -34,6 +42,11 @@ from edgeinferd.errors import (
     Overloaded,
 )
 from edgeinferd.repository import ModelConfig
+
+log = structlog.get_logger("edgeinferd.batching")
+
+#: An inline pass this many times longer than ``inline_max_us`` turns inlining off.
+_OVERRUN = 4
 
 RunBatch = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
 
@@ -73,6 +86,42 @@ class BatchStats:
     sizes: Counter[int] = field(default_factory=Counter)
 
 
+class PassCost:
+    """The expected CPU seconds of one forward pass, from its input elements.
+
+    A line through two warm-up passes (one row and a full batch), scaled by
+    the passes measured since, so that a model whose passes turn out slower
+    than its warm-up (other shapes, other values) stops running inline.
+    Times are the running thread's CPU time, so that a pass preempted by
+    other work on the machine does not count as a slow pass; the scale moves
+    at most a few percent per pass, so one odd pass barely moves it.
+    """
+
+    #: Each pass moves the scale by at most this factor (up or down).
+    _STEP = 1.07
+
+    def __init__(self, small: tuple[int, float], large: tuple[int, float]) -> None:
+        (n1, t1), (n2, t2) = small, large
+        self.per_element = max(0.0, (t2 - t1) / (n2 - n1)) if n2 > n1 else 0.0
+        self.fixed = max(1e-9, t1 - self.per_element * n1)
+        #: Measured over expected: scales every estimate.
+        self._scale = 1.0
+
+    def expected(self, elements: int) -> float:
+        return (self.fixed + self.per_element * elements) * self._scale
+
+    def observe(self, elements: int, cpu_seconds: float) -> None:
+        measured = cpu_seconds / (self.fixed + self.per_element * elements)
+        step = min(max(measured / self._scale, 1 / self._STEP), self._STEP)
+        self._scale *= step
+
+
+def pass_clock(threads: int) -> Callable[[], float]:
+    """The clock a pass is timed with: the thread's CPU time when the pass runs on the
+    calling thread alone, wall time when torch's intra-op threads share it."""
+    return time.thread_time if threads == 1 else time.perf_counter
+
+
 class Batcher:
     """The queue of one model version and the worker threads that drain it.
 
@@ -81,9 +130,18 @@ class Batcher:
     through ``loop.call_soon_threadsafe``, once per forward pass.
     """
 
-    def __init__(self, config: ModelConfig, run: RunBatch) -> None:
+    def __init__(self, config: ModelConfig, run: RunBatch, cost: PassCost | None = None) -> None:
         self.config = config
         self._run = run
+        #: Set when the model may run inline: its measured pass cost.
+        self._cost = cost if config.inline_max_us > 0 else None
+        self._inline_max_s = config.inline_max_us / 1e6
+        self._clock = pass_clock(config.threads)
+        self._waits_every_time = (
+            config.batched
+            and config.batching.delay_policy == "fixed"
+            and config.batching.max_queue_delay_us > 0
+        )
         self._loop = asyncio.get_running_loop()
         self._queue: deque[QueuedCall] = deque()
         self._lock = threading.Lock()
@@ -99,6 +157,8 @@ class Batcher:
         #: The last forward pass served more than one call (the adaptive delay policy).
         self._company = False
         self.stats = BatchStats()
+        #: Forward passes run on the event loop (a subset of ``stats.batches``).
+        self.inline_passes = 0
         self._stopped: list[asyncio.Future[None]] = []
         # One thread per instance: each runs one forward pass at a time.
         for i in range(config.instances):
@@ -144,6 +204,9 @@ class Batcher:
             future=self._loop.create_future(),
             deadline=deadline,
         )
+        if self._cost is not None and self._may_run_inline(call):
+            self._run_inline(call)
+            return call
         with self._lock:
             self._queue.append(call)
             # A worker waiting for its batch to fill is woken only once it has.
@@ -151,6 +214,42 @@ class Batcher:
         if wake:
             self._tokens.put(True)
         return call
+
+    def _may_run_inline(self, call: QueuedCall) -> bool:
+        """Inline only when no worker has work and the loop has nothing else ready.
+
+        Under concurrent load other calls are queued or running, or the last
+        pass had company, so this one joins them (and their batch); a lone
+        caller's call runs at once. A fixed queue delay means every batch
+        waits for company, so it never runs inline.
+        """
+        if self._queue or self._running or self._company or self._waits_every_time:
+            return False
+        if _loop_has_ready_work(self._loop):
+            return False
+        if call.deadline is not None and time.monotonic() >= call.deadline:
+            return False  # the queue's path answers DEADLINE_EXCEEDED
+        assert self._cost is not None
+        return self._cost.expected(_elements(call.inputs)) <= self._inline_max_s
+
+    def _run_inline(self, call: QueuedCall) -> None:
+        with self._lock:
+            self._running += 1
+        started, cpu_started = time.perf_counter(), self._clock()
+        results = self._results([call])
+        finished, cpu = time.perf_counter(), self._clock() - cpu_started
+        self.inline_passes += 1
+        if cpu > _OVERRUN * self._inline_max_s:
+            # Its pass time depends on more than its inputs' sizes: never again on the loop.
+            self._cost = None
+            log.warning(
+                "a forward pass on the event loop ran over; this model's passes now run"
+                " in its worker threads",
+                model=self.config.name,
+                pass_us=round(cpu * 1e6),
+                inline_max_us=self.config.inline_max_us,
+            )
+        self._deliver([call], results, started, finished, cpu)
 
     def withdraw(self, call: QueuedCall) -> None:
         """The caller went away: cancel the call and free its queue slot now."""
@@ -261,17 +360,23 @@ class Batcher:
     def _run_batch(self, calls: list[QueuedCall]) -> None:
         if not calls:
             return
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), self._clock()
+        results = self._results(calls)
+        finished, cpu = time.perf_counter(), self._clock() - cpu_started
+        self._post(self._deliver, calls, results, started, finished, cpu)
+
+    def _results(self, calls: list[QueuedCall]) -> list[list[np.ndarray]] | EdgeInferError:
+        """Run the calls' pass; its error, typed, instead of raising."""
         try:
-            results: list[list[np.ndarray]] | EdgeInferError = self._run_calls(calls)
+            return self._run_calls(calls)
         except EdgeInferError as error:
-            results = error
+            return error
         except Exception as error:  # a bug in splitting, not in the model
-            results = ModelExecutionError(
+            failure = ModelExecutionError(
                 f"model {self.config.name!r} failed: {type(error).__name__}"
             )
-            results.__cause__ = error  # the data plane logs it with its traceback
-        self._post(self._deliver, calls, results, started, time.perf_counter())
+            failure.__cause__ = error  # the data plane logs it with its traceback
+            return failure
 
     def _run_calls(self, calls: list[QueuedCall]) -> list[list[np.ndarray]]:
         """Stack, run once, split back by rows."""
@@ -302,6 +407,7 @@ class Batcher:
         results: list[list[np.ndarray]] | EdgeInferError,
         started: float,
         finished: float,
+        cpu: float,
     ) -> None:
         with self._lock:
             self._running -= len(calls)
@@ -315,6 +421,8 @@ class Batcher:
         self.stats.rows += rows
         self.stats.sizes[rows] += 1
         compute_s = finished - started
+        if self._cost is not None:
+            self._cost.observe(sum(_elements(c.inputs) for c in calls), cpu)
         for call, result in zip(calls, results, strict=True):
             if not call.future.done():
                 call.future.set_result(Completed(result, started - call.enqueued, compute_s))
@@ -326,6 +434,20 @@ class Batcher:
                 call.future.set_exception(
                     DeadlineExceeded(f"deadline passed while queued for model {self.config.name!r}")
                 )
+
+
+def _elements(inputs: Sequence[np.ndarray]) -> int:
+    return sum(int(a.size) for a in inputs)
+
+
+def _loop_has_ready_work(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether callbacks are waiting to run on ``loop`` now (other calls' steps).
+
+    asyncio keeps them in ``_ready`` (CPython's selector loops, since 3.4); a
+    loop without it is taken as busy, so calls go to the workers as before.
+    """
+    ready = getattr(loop, "_ready", None)
+    return ready is None or len(ready) > 0
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

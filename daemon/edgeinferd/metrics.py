@@ -147,6 +147,11 @@ class PrometheusCollector:
         queued = GaugeMetricFamily(
             "edgeinfer_queued_requests", "Calls waiting for a batch.", labels=["model"]
         )
+        inline = CounterMetricFamily(
+            "edgeinfer_inline_passes",
+            "Forward passes run on the event loop instead of a worker thread.",
+            labels=["model", "version"],
+        )
         loaded = 0
         for entry in self.models.entries():
             states.add_metric([entry.name, entry.state.value], 1)
@@ -158,6 +163,7 @@ class PrometheusCollector:
             if batcher is None:
                 continue
             queued.add_metric([entry.name], batcher.queued)
+            inline.add_metric([entry.name, serving.version], batcher.inline_passes)
             sizes = sorted(batcher.stats.sizes.items())
             running, buckets = 0, []
             for size, count in sizes:
@@ -168,6 +174,7 @@ class PrometheusCollector:
                 [entry.name, serving.version], buckets, float(sum(s * c for s, c in sizes))
             )
         yield batches
+        yield inline
         yield states
         yield queued
         yield GaugeMetricFamily("edgeinfer_models_loaded", "Models serving.", value=loaded)

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from edgeinferd.batching import Batcher
+from edgeinferd.batching import Batcher, PassCost
 from edgeinferd.errors import (
     ConfigError,
     EdgeInferError,
@@ -188,7 +188,8 @@ class ModelManager:
                     }
                 else:
                     runner = await loop.run_in_executor(None, load_runner, config, files)
-                    parts = {"runner": runner, "batcher": Batcher(config, runner.run)}
+                    cost = PassCost(*runner.pass_times) if runner.pass_times else None
+                    parts = {"runner": runner, "batcher": Batcher(config, runner.run, cost)}
             except EdgeInferError as error:
                 self._failed(entry, error)
                 if strict:

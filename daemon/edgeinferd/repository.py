@@ -51,6 +51,11 @@ DELAY_POLICIES = ("fixed", "adaptive")
 DEFAULT_QUEUE_DELAY_US = 1000
 DEFAULT_DELAY_POLICY = "adaptive"
 
+#: Measured (benchmarks/README.md): handing a call to a worker thread and back
+#: costs the event loop about 100 µs on the development machine; a pass under
+#: that is cheaper to run where the call already is.
+DEFAULT_INLINE_MAX_US = 1000
+
 
 @dataclass(frozen=True)
 class BatchingConfig:
@@ -87,6 +92,9 @@ class ModelConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     instances: int = 1
     threads: int = 1
+    #: Passes expected to take at most this long run on the event loop when it
+    #: is otherwise idle (0: always in a worker thread); see batching.py.
+    inline_max_us: int = DEFAULT_INLINE_MAX_US
     generation: GenerationConfig | None = None
 
     @property
@@ -280,6 +288,9 @@ def parse_model_config(name: str, data: dict[str, Any], file: str) -> ModelConfi
     instances_table = root.table("instances")
     instances = instances_table.integer("count", 1, minimum=1, maximum=64)
     threads = instances_table.integer("threads", 1, minimum=1, maximum=256)
+    inline_max_us = instances_table.integer(
+        "inline_max_us", DEFAULT_INLINE_MAX_US, minimum=0, maximum=10**6
+    )
     instances_table.finish()
 
     generation = None
@@ -305,6 +316,7 @@ def parse_model_config(name: str, data: dict[str, Any], file: str) -> ModelConfi
         batching=batching,
         instances=instances,
         threads=threads,
+        inline_max_us=inline_max_us,
         generation=generation,
     )
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgeinferd.batching import pass_clock
 from edgeinferd.errors import ConfigError, InvalidInput, ModelExecutionError
 from edgeinferd.repository import ModelConfig, TensorSpec, VersionFiles, verify_artifact
 
@@ -54,6 +55,8 @@ class Runner:
         self.config = config
         self.module = module
         self.output_names = [spec.name for spec in config.outputs]
+        #: (input elements, seconds) of a one-row and of a full-batch warm-up pass.
+        self.pass_times: tuple[tuple[int, float], tuple[int, float]] | None = None
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run one forward pass; outputs in the config's order.
@@ -126,6 +129,21 @@ class Runner:
             ) from None
         for spec, array in zip(self.config.outputs, outputs, strict=True):
             check_output(self.config, spec, array, batch)
+        if self.config.inline_max_us > 0:
+            large = (self.config.max_batch_size,) if self.config.batched else ()
+            self.pass_times = (self._time_pass(batch), self._time_pass(large))
+
+    def _time_pass(self, batch: tuple[int, ...], repeats: int = 7) -> tuple[int, float]:
+        """Input elements and the median seconds of ``repeats`` passes of that size
+        (on the clock the batcher times passes with)."""
+        inputs = [example_input(spec, batch) for spec in self.config.inputs]
+        clock = pass_clock(self.config.threads)
+        times = []
+        for _ in range(repeats):
+            started = clock()
+            self.run(inputs)
+            times.append(clock() - started)
+        return sum(int(a.size) for a in inputs), sorted(times)[repeats // 2]
 
 
 def _is_input_guard(error: Exception) -> bool:

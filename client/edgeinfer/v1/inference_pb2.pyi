@@ -290,7 +290,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("model", "version", "state", "requests_by_status", "batches", "batched_rows", "queued", "in_flight", "queue_seconds_sum", "compute_seconds_sum", "total_seconds_sum")
+    __slots__ = ("model", "version", "state", "requests_by_status", "batches", "batched_rows", "queued", "in_flight", "queue_seconds_sum", "compute_seconds_sum", "total_seconds_sum", "inline_passes")
     class RequestsByStatusEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +309,7 @@ class ModelStats(_message.Message):
     QUEUE_SECONDS_SUM_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_SUM_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_SUM_FIELD_NUMBER: _ClassVar[int]
+    INLINE_PASSES_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     state: ModelState
@@ -320,7 +321,8 @@ class ModelStats(_message.Message):
     queue_seconds_sum: float
     compute_seconds_sum: float
     total_seconds_sum: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., requests_by_status: _Optional[_Mapping[str, int]] = ..., batches: _Optional[int] = ..., batched_rows: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_seconds_sum: _Optional[float] = ..., compute_seconds_sum: _Optional[float] = ..., total_seconds_sum: _Optional[float] = ...) -> None: ...
+    inline_passes: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., requests_by_status: _Optional[_Mapping[str, int]] = ..., batches: _Optional[int] = ..., batched_rows: _Optional[int] = ..., queued: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_seconds_sum: _Optional[float] = ..., compute_seconds_sum: _Optional[float] = ..., total_seconds_sum: _Optional[float] = ..., inline_passes: _Optional[int] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("models", "in_flight", "resident_memory_bytes", "uptime_seconds")

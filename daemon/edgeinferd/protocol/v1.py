@@ -223,6 +223,7 @@ def stats_message(dataplane: DataPlane) -> pb.Stats:
         if serving is not None and batcher is not None and serving.version == version:
             item.batches = batcher.stats.batches
             item.batched_rows = batcher.stats.rows
+            item.inline_passes = batcher.inline_passes
             item.queued = batcher.queued
             item.in_flight = batcher.in_flight
     return stats
