@@ -7,4 +7,6 @@ scripts/dev-install.sh
 ruff check .
 ruff format --check .
 mypy
-python -m pytest "$@"
+# Two workers: most tests wait on daemons and subprocesses, not the CPU (see
+# tests/conftest.py for how tests are grouped onto them).
+python -m pytest -n 2 --dist loadgroup "$@"

@@ -27,6 +27,16 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``-n 2 --dist loadgroup`` (scripts/test.sh) each file runs on one worker, so its
+    module fixtures start once; the language-model files share one worker and its
+    session-scoped imports and reference model."""
+    for item in items:
+        module = item.path.stem
+        group = "llm" if module.startswith("test_llm_") else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def short_tmpdir() -> Path:
     """Unix socket paths must stay under 108 bytes; pytest's tmp paths can be longer."""
     return Path(tempfile.mkdtemp(prefix="ei-", dir="/tmp"))
