@@ -441,13 +441,20 @@ def _elements(inputs: Sequence[np.ndarray]) -> int:
 
 
 def _loop_has_ready_work(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether callbacks are waiting to run on ``loop`` now (other calls' steps).
+    """Whether ``loop`` has anything else to do now: callbacks waiting to run, or
+    file descriptors ready to read (gRPC's completion queue wakes the loop through
+    one, so requests that arrived meanwhile show there).
 
-    asyncio keeps them in ``_ready`` (CPython's selector loops, since 3.4); a
-    loop without it is taken as busy, so calls go to the workers as before.
+    asyncio's selector loops keep these in ``_ready`` and ``_selector`` (CPython
+    since 3.4); asking the selector with a zero timeout consumes nothing, since
+    epoll reports a ready descriptor until it is read. A loop without them is taken
+    as busy, so calls go to the workers.
     """
     ready = getattr(loop, "_ready", None)
-    return ready is None or len(ready) > 0
+    selector = getattr(loop, "_selector", None)
+    if ready is None or selector is None:
+        return True
+    return len(ready) > 0 or bool(selector.select(0))
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
