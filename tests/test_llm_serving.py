@@ -117,6 +117,8 @@ def test_max_new_tokens_stop_sequences_and_the_context_each_end_a_generation(
         ({"min_p": 1.0}, "min_p"),
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"stop": [""]}, "stop sequence"),
+        ({"stop": ["x" * 257]}, "too long (1 to 256 chars)"),
+        ({"stop": [str(i) for i in range(17)]}, "17 stop sequences; at most 16"),
     ],
 )
 def test_bad_parameters_are_refused_with_the_parameter_named(
@@ -135,6 +137,7 @@ def test_oversized_prompts_and_bad_messages_are_refused_before_any_work(llm_daem
             ("smollm2-short", "x" * (48 * 32 + 1), "characters"),
             (llm.NAME, [49152], "outside the vocabulary"),
             (llm.NAME, [edgeinfer.ChatMessage("wizard", "hi")], "role"),
+            (llm.NAME, [edgeinfer.ChatMessage("user", "hi")] * 257, "257 messages; at most 256"),
             (llm.NAME, "", "empty"),
         ]
         for model, prompt, named in cases:
