@@ -15,6 +15,10 @@ only ever slows a cell down):
 - ``inline server``: benchmarks/inline_server.py, a grpc.aio KServe V2 server
   running the model on its event loop with nothing else.
 
+Then the crossover: for one caller at batch 1 and at batch 32, model
+``mlp-loop`` (``inline_max_us`` so high that every lone pass runs on the loop)
+against ``mlp-hop``, in alternating pairs of windows.
+
 The load is Triton's ``perf_analyzer`` (KServe V2 ModelInfer over the Unix
 socket; ``--streaming`` for the stream scenario), a C++ client much lighter
 than any Python one, so that more of the 2 cores is left to the servers. It
@@ -145,9 +149,37 @@ def build(repo: Path) -> None:
     (hop / "1").mkdir(parents=True)
     shutil.copy(repo / "mlp" / "1" / "model.pt", hop / "1" / "model.pt")
     (hop / "config.toml").write_text(sb.MLP_CONFIG + "[instances]\ninline_max_us = 0\n")
+    # Every lone pass on the loop, whatever its length: for the crossover measurement.
+    loop = repo / "mlp-loop"
+    (loop / "1").mkdir(parents=True)
+    shutil.copy(repo / "mlp" / "1" / "model.pt", loop / "1" / "model.pt")
+    (loop / "config.toml").write_text(sb.MLP_CONFIG + "[instances]\ninline_max_us = 1000000\n")
 
 
-def measure(rounds: int, seconds: float, raw_seconds: float) -> dict[str, Any]:
+#: Lone-caller scenarios of the crossover: a short pass and a long one.
+CROSSOVER = [("1 x 1", SCENARIOS[0][1]), ("1 x 32", SCENARIOS[3][1])]
+
+
+def measure_crossover(
+    servers: dict[str, tuple[str, sb.Process, Path]], pairs: int, seconds: float, workdir: Path
+) -> dict[str, Any]:
+    """A lone caller's passes on the loop (mlp-loop) against in a thread (mlp-hop), in
+    alternating pairs: where inlining stops paying (the default inline_max_us)."""
+    _, daemon, socket_path = servers["edgeinfer"]
+    result: dict[str, Any] = {}
+    for label, args in CROSSOVER:
+        rates: dict[str, list[float]] = {"mlp-loop": [], "mlp-hop": []}
+        for i in range(pairs):
+            order = ("mlp-loop", "mlp-hop") if i % 2 == 0 else ("mlp-hop", "mlp-loop")
+            for model in order:
+                sb.log(f"crossover {label}: pair {i + 1} on {model}")
+                cell = run_perf_analyzer(socket_path, model, args, seconds, daemon.pid, workdir)
+                rates[model].append(cell["inferences_per_s"])
+        result[label] = rates
+    return result
+
+
+def measure(rounds: int, seconds: float, raw_seconds: float, pairs: int) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="ei-load-"))
     repo = workdir / "repo"
     build(repo)
@@ -166,6 +198,7 @@ def measure(rounds: int, seconds: float, raw_seconds: float) -> dict[str, Any]:
                     best = cells.setdefault(label, {}).get(server)
                     if best is None or cell["inferences_per_s"] > best["inferences_per_s"]:
                         cells[label][server] = cell
+        crossover = measure_crossover(servers, pairs, seconds, workdir)
     finally:
         for _, process, _ in {id(p): (m, p, s) for m, p, s in servers.values()}.values():
             process.stop()
@@ -180,6 +213,7 @@ def measure(rounds: int, seconds: float, raw_seconds: float) -> dict[str, Any]:
         "python": platform.python_version(),
         "cells": cells,
         "raw": raw,
+        "crossover": crossover,
     }
 
 
@@ -226,6 +260,28 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_crossover(data: dict[str, Any]) -> str:
+    import statistics
+
+    lines = [
+        "**Where inlining stops paying** (one caller; the same daemon, alternating pairs of"
+        " windows: `mlp-loop` runs every lone pass on the event loop, `mlp-hop` every pass"
+        " in a thread):",
+        "",
+        "| scenario | on the loop: median inf/s | in a thread: median inf/s | loop / thread"
+        " | pairs the loop won |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for label, rates in data.get("crossover", {}).items():
+        loop, hop = rates["mlp-loop"], rates["mlp-hop"]
+        won = sum(a > b for a, b in zip(loop, hop, strict=True))
+        lines.append(
+            f"| {label} | {statistics.median(loop):,.0f} | {statistics.median(hop):,.0f}"
+            f" | {statistics.median(loop) / statistics.median(hop):.2f}x | {won} of {len(loop)} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round of 2 s windows")
@@ -241,11 +297,12 @@ def main(argv: list[str] | None = None) -> int:
                 "perf_analyzer is not on PATH (it ships in the tritonclient wheel)", file=sys.stderr
             )
             return 2
+        quick = args.quick
         data = measure(
-            1 if args.quick else 3, 2.0 if args.quick else 3.0, 1.0 if args.quick else 2.0
+            1 if quick else 3, 2.0 if quick else 3.0, 1.0 if quick else 2.0, 2 if quick else 6
         )
         path.write_text(json.dumps(data, indent=2))
-    table = render(data)
+    table = render(data) + "\n\n" + render_crossover(data)
     sb.update_readme({"load": table})
     print(table)
     return 0

@@ -169,7 +169,7 @@ def test_a_call_with_work_ahead_of_it_waits_its_turn_in_the_queue() -> None:
 
 
 def tiny_batcher(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]]) -> Batcher:
-    """A batcher whose passes are expected to take a microsecond (inline_max_us 1000)."""
+    """A batcher whose passes are expected to take a microsecond (the default inline_max_us)."""
     spec = TensorSpec("x", "float32", (1,))
     config = ModelConfig("m", (spec,), (TensorSpec("y", "float32", (1,)),), max_batch_size=4)
     return Batcher(config, run, PassCost((1, 1e-6), (4, 2e-6)))

@@ -51,10 +51,11 @@ DELAY_POLICIES = ("fixed", "adaptive")
 DEFAULT_QUEUE_DELAY_US = 1000
 DEFAULT_DELAY_POLICY = "adaptive"
 
-#: Measured (benchmarks/README.md): handing a call to a worker thread and back
-#: costs the event loop about 100 µs on the development machine; a pass under
-#: that is cheaper to run where the call already is.
-DEFAULT_INLINE_MAX_US = 1000
+#: Measured side by side on the development machine (benchmarks/README.md): a
+#: lone caller's batch-1 pass of the seed MLP (about 100-140 µs there) served 8%
+#: more calls/s inline than through a thread, its batch-32 pass (500-900 µs)
+#: 13% fewer; the crossover lies between, and this is under it.
+DEFAULT_INLINE_MAX_US = 250
 
 
 @dataclass(frozen=True)
