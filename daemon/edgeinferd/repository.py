@@ -51,11 +51,12 @@ DELAY_POLICIES = ("fixed", "adaptive")
 DEFAULT_QUEUE_DELAY_US = 1000
 DEFAULT_DELAY_POLICY = "adaptive"
 
-#: Measured side by side on the development machine (benchmarks/README.md): a
-#: lone caller's batch-1 pass of the seed MLP (about 100-140 µs there) served 8%
-#: more calls/s inline than through a thread, its batch-32 pass (500-900 µs)
-#: 13% fewer; the crossover lies between, and this is under it.
-DEFAULT_INLINE_MAX_US = 250
+#: Measured side by side on the development machine (benchmarks/README.md, the
+#: crossover table): a lone caller's passes of the benchmark MLP served more
+#: calls/s on the loop than through a thread at batch 1 (a pass of about 100 µs
+#: there) and at batch 32 (500-900 µs). 2 ms keeps such a pass inline on a
+#: machine half as fast, and is all a call arriving meanwhile can wait.
+DEFAULT_INLINE_MAX_US = 2000
 
 
 @dataclass(frozen=True)
