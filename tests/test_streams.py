@@ -19,6 +19,7 @@ import numpy as np
 
 import edgeinfer
 from edgeinfer.client import build_request
+from edgeinfer.v1 import inference_pb2_grpc
 from edgeinferd.budgets import CONNECTION_STREAM_BYTES
 from edgeinferd.protocol.streams import STREAM_PIPELINE_BYTES, answer_in_order
 from tests import models
@@ -114,16 +115,17 @@ def gauges(port: int) -> dict[str, float]:
     return values
 
 
-def unread_stream(client: edgeinfer.Client, count: int) -> grpc.Future:
-    """A stream of ``count`` 2 MiB requests on ``client``'s connection; no answer is read.
+def unread_stream(stub: inference_pb2_grpc.InferenceStub, count: int) -> grpc.Future:
+    """A stream of ``count`` 2 MiB requests; no answer is read.
 
-    Made with the client's own stub rather than ``Client.stream``, whose generator
-    starts the call only when its first answer is asked for: a stream opened on a
-    connection whose budget is full has no message read, so it has no first answer.
+    The first connection's streams use the real client's own stub rather than
+    ``Client.stream``, whose generator starts the call only when its first answer
+    is asked for: a stream opened on a connection whose budget is full has no
+    message read, so it has no first answer.
     """
     a = np.arange(ELEMENTS, dtype=np.int64)
     requests = (build_request("adder", {"a": a, "b": a}) for _ in range(count))
-    call: grpc.Future = client._stub.PredictStream(requests, timeout=120)
+    call: grpc.Future = stub.PredictStream(requests, timeout=120)
     return call
 
 
@@ -131,7 +133,7 @@ def test_a_connections_streams_share_one_byte_budget(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
     """Four streams on one TCP connection, answers unread, hold the connection's budget
-    (plus at most one message per other stream), not four times the per-stream bound;
+    (plus at most one message per stream), not four times the per-stream bound;
     a second connection has a budget of its own; the bookkeeping empties when they end."""
     repo = tmp_path / "repo"
     models.add_adder(repo)
@@ -139,27 +141,31 @@ def test_a_connections_streams_share_one_byte_budget(
     daemon = start_daemon(
         repo, f'tcp = "127.0.0.1:{tcp}"\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
     )
-    message = 2 * ELEMENTS * 8
-    bound = CONNECTION_STREAM_BYTES + (STREAMS_PER_CONNECTION - 1) * message
+    a = np.arange(ELEMENTS, dtype=np.int64)
+    message = build_request("adder", {"a": a, "b": a}).ByteSize()
+    # Below its budget, each of the connection's streams may read one more message.
+    bound = CONNECTION_STREAM_BYTES + STREAMS_PER_CONNECTION * message
     with edgeinfer.Client(f"127.0.0.1:{tcp}", timeout=60) as first:
-        streams = [unread_stream(first, OFFERED) for _ in range(STREAMS_PER_CONNECTION)]
+        streams = [unread_stream(first._stub, OFFERED) for _ in range(STREAMS_PER_CONNECTION)]
         # The connection's streams stop reading once it holds its budget.
         assert wait_for(
-            lambda: gauges(metrics)["edgeinfer_stream_request_bytes"] >= CONNECTION_STREAM_BYTES
-        )
-        # gRPC channels with the same target and options share one connection: a different
-        # message limit gives the second client a connection of its own. (On the shared one,
-        # a new stream could not have even its first message read now.)
-        with edgeinfer.Client(f"127.0.0.1:{tcp}", timeout=60, max_message_bytes=32 << 20) as second:
-            other = unread_stream(second, OFFERED)
+            lambda: gauges(metrics)["edgeinfer_stream_request_bytes"] >= CONNECTION_STREAM_BYTES,
+            timeout=60,
+        ), gauges(metrics)
+        # A second connection, for sure: gRPC lets channels to one address share theirs.
+        with grpc.insecure_channel(
+            f"127.0.0.1:{tcp}", options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            other = unread_stream(inference_pb2_grpc.InferenceStub(channel), OFFERED)
             # The second connection fills its one stream's own bound, beside the first.
             assert wait_for(
                 lambda: (
                     gauges(metrics)["edgeinfer_stream_request_bytes"]
                     - gauges(metrics)["edgeinfer_stream_connection_request_bytes_max"]
                     >= STREAM_PIPELINE_BYTES
-                )
-            )
+                ),
+                timeout=60,
+            ), gauges(metrics)
             held = gauges(metrics)
             for call in [*streams, other]:
                 call.cancel()
