@@ -129,12 +129,31 @@ def unread_stream(stub: inference_pb2_grpc.InferenceStub, count: int) -> grpc.Fu
     return call
 
 
+def unread_v2_stream(channel: grpc.Channel, count: int) -> grpc.Future:
+    """The same requests on a KServe V2 ``ModelStreamInfer`` stream; no answer is read."""
+    from tritonclient.grpc import service_pb2
+
+    a = np.arange(ELEMENTS, dtype=np.int64)
+    message = service_pb2.ModelInferRequest(model_name="adder")
+    for name in ("a", "b"):
+        message.inputs.add(name=name, datatype="INT64", shape=[ELEMENTS])
+        message.raw_input_contents.append(a.tobytes())
+    infer = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+        response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+    )
+    call: grpc.Future = infer((message for _ in range(count)), timeout=120)
+    return call
+
+
 def test_a_connections_streams_share_one_byte_budget(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
     """Four streams on one TCP connection, answers unread, hold the connection's budget
     (plus at most one message per stream), not four times the per-stream bound;
-    a second connection has a budget of its own; the bookkeeping empties when they end."""
+    a second connection (a KServe V2 stream) has a budget of its own; the bookkeeping
+    empties when they end."""
     repo = tmp_path / "repo"
     models.add_adder(repo)
     tcp, metrics = free_port(), free_port()
@@ -156,8 +175,9 @@ def test_a_connections_streams_share_one_byte_budget(
         with grpc.insecure_channel(
             f"127.0.0.1:{tcp}", options=[("grpc.use_local_subchannel_pool", 1)]
         ) as channel:
-            other = unread_stream(inference_pb2_grpc.InferenceStub(channel), OFFERED)
-            # The second connection fills its one stream's own bound, beside the first.
+            other = unread_v2_stream(channel, OFFERED)
+            # Its one KServe V2 stream fills its own bound in its own connection's budget
+            # (the gauges count only streams that have one), beside the first.
             assert wait_for(
                 lambda: (
                     gauges(metrics)["edgeinfer_stream_request_bytes"]
