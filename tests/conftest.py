@@ -157,8 +157,9 @@ def start_daemon() -> Iterator[StartDaemon]:
         extra_config: str = "",
         wait: bool = True,
         env: dict[str, str] | None = None,
+        launcher: Path | None = None,
     ) -> Daemon:
-        process = Daemon(daemon_config(repository, extra_config), short_tmpdir(), env)
+        process = Daemon(daemon_config(repository, extra_config), short_tmpdir(), env, launcher)
         started.append(process)
         return process.wait_ready() if wait else process
 

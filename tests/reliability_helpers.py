@@ -19,6 +19,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch import nn
 
+from tests.gate import Gate
 from tests.models import NEVER_INLINE, scalar_config, write_model
 
 PREDICT = "/edgeinfer.v1.Inference/Predict"
@@ -125,29 +126,32 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 class Counter(nn.Module):
-    """Counts its forward passes in a buffer and returns the count; spins ``x[0, 0]`` rounds.
+    """Counts its forward passes in a buffer and returns the count; waits on a gate for ``x > 0``.
 
     Calling it with ``x = 0`` reads the count back (that call included), so a
-    test can prove which calls reached the model and which were dropped.
+    test can prove which calls reached the model and which were dropped. A
+    call with ``x > 0`` holds its forward pass until the test opens ``gate``
+    (``tests.gate``), so the test decides when the one instance is free again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gate: str) -> None:
         super().__init__()
         self.register_buffer("calls", torch.zeros(1, dtype=torch.float32))
-        self.weight = nn.Parameter(torch.eye(256) * 0.5, requires_grad=False)
+        self.gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.add_(1.0)
-        state = self.weight
-        for _ in range(int(x[0, 0].item())):
-            state = torch.mm(state, self.weight) + self.weight
-        return x * 0 + self.calls + state[0, 0] * 0
+        if bool(x[0, 0] > 0):
+            x = torch.ops.edgeinfer_test.gate(x, self.gate)
+        return x * 0 + self.calls
 
 
-def add_counter(repo: Path, name: str = "counter", queue: int = 1024) -> None:
+def add_counter(repo: Path, gate: Gate, name: str = "counter", queue: int = 1024) -> None:
+    """The counter model; its daemon must start with ``tests.gate``'s launcher. Its passes
+    block on the gate, so none may run on the event loop."""
     tables = f"[batching]\nmax_queue_size = {queue}\n[instances]\ncount = 1\n{NEVER_INLINE}"
     folder = write_model(repo, name, scalar_config(1, tables))
-    torch.jit.script(Counter()).save(str(folder / "model.pt"))
+    torch.jit.script(Counter(str(gate.path))).save(str(folder / "model.pt"))
 
 
 # -- certificates (openssl command line) -------------------------------------------

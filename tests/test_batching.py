@@ -7,16 +7,23 @@ how many forward passes its calls became, not how fast they were.
 from __future__ import annotations
 
 import asyncio
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import grpc.aio
 import numpy as np
+import pytest
 import torch
+from torch import nn
 
 import edgeinfer
 from tests import models
-from tests.conftest import Daemon, StartDaemon
+from tests.conftest import Daemon, StartDaemon, daemon_config, short_tmpdir
+from tests.gate import Gate, write_launcher
+from tests.reliability_helpers import Counter, wait_for
 
 MLP = models.mlp_module(0)
 
@@ -158,35 +165,170 @@ def test_adaptive_delay_makes_a_lone_caller_wait_for_no_one(
     assert forward_passes(daemon) == (5, 5)
 
 
-ADAPTIVE_SLOW_CONFIG = models.scalar_config(
+# -- one daemon whose models hold a forward pass at a gate (tests.gate) --------------
+
+
+class Doubler(nn.Module):
+    """Doubles rows of any length; a first value below zero holds the pass at the gate."""
+
+    def __init__(self, gate: str) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x[0, 0] < 0):
+            x = torch.ops.edgeinfer_test.gate(x, self.gate)
+        return x * 2
+
+
+VARIABLE_CONFIG = """
+max_batch_size = 4
+[[inputs]]
+name = "x"
+dtype = "float32"
+shape = [-1]
+[[outputs]]
+name = "y"
+dtype = "float32"
+shape = [-1]
+[batching]
+max_queue_delay_us = 0
+delay_policy = "fixed"
+[instances]
+count = 1
+inline_max_us = 0     # its passes may block at the gate: never on the event loop
+"""
+
+ADAPTIVE_CONFIG = models.scalar_config(
     2,
     f'[batching]\nmax_queue_delay_us = {FOREVER_US}\ndelay_policy = "adaptive"\n'
-    f"[instances]\n{models.NEVER_INLINE}",
+    f"[instances]\ncount = 1\n{models.NEVER_INLINE}",
 )
 
 
-def test_adaptive_delay_waits_once_calls_have_shared_a_pass(
-    start_daemon: StartDaemon, tmp_path: Path
-) -> None:
-    """After two calls shared a forward pass, the next lone call waits for company, and gets it."""
-    repo = tmp_path / "repo"
-    models.add_slow(repo, config=ADAPTIVE_SLOW_CONFIG)
-    daemon = start_daemon(repo)
+@dataclass
+class Gated:
+    daemon: Daemon
+    gate: Gate
 
-    def rounds(n: int) -> dict[str, np.ndarray]:
-        return {"x": np.full((1, 1), n, dtype=np.float32)}
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gated]:
+    """One daemon for the gated tests: ``variable`` (a -1 dimension, delay 0, fixed policy)
+    and ``adaptive`` (the counter, batches of 2, the adaptive policy with a 10 s delay)."""
+    root = tmp_path_factory.mktemp("gated")
+    gate = Gate(root / "gate")
+    repo = root / "repo"
+    folder = models.write_model(repo, "variable", VARIABLE_CONFIG)
+    torch.jit.script(Doubler(str(gate.path))).save(str(folder / "model.pt"))
+    folder = models.write_model(repo, "adaptive", ADAPTIVE_CONFIG)
+    torch.jit.script(Counter(str(gate.path))).save(str(folder / "model.pt"))
+    workdir = short_tmpdir()
+    daemon = Daemon(daemon_config(repo), workdir, launcher=write_launcher(root)).wait_ready()
+    with daemon.client(timeout=30) as client:  # GetStats lists a model once it was called
+        for model in ("variable", "adaptive"):
+            client.predict(model, {"x": np.zeros((1, 1), np.float32)})
+    yield Gated(daemon, gate)
+    gate.open()
+    daemon.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def model_state(client: edgeinfer.Client, model: str) -> tuple[int, int]:
+    """(queued, queued + running) of ``model``."""
+    (stats,) = [m for m in client.get_stats().models if m.model == model]
+    return stats.queued, stats.in_flight
+
+
+def passes_since(daemon: Daemon, model: str, before: tuple[int, int]) -> tuple[int, int]:
+    passes, rows = forward_passes(daemon, model)
+    return passes - before[0], rows - before[1]
+
+
+def test_calls_differing_in_a_variable_dimension_never_share_a_pass(gated: Gated) -> None:
+    """Rows of length 3 and 5 queued in turn: the two of each length are stacked together,
+    the lengths never, and every call gets its own rows doubled.
+
+    A held pass keeps all four queued until the gate opens, so the batches formed
+    do not depend on when the calls happened to arrive.
+    """
+    gated.gate.close()
+    before = forward_passes(gated.daemon, "variable")
+    lengths = [3, 5, 3, 5]
+    inputs = [np.full((1, n), i + 1, np.float32) for i, n in enumerate(lengths)]
+
+    async def main() -> list[np.ndarray]:
+        async with edgeinfer.AsyncClient(gated.daemon.address, timeout=60) as client:
+            blocker = asyncio.ensure_future(
+                client.predict("variable", {"x": -np.ones((1, 4), np.float32)})
+            )
+            with gated.daemon.client(timeout=10) as sync:
+                assert await asyncio.to_thread(
+                    wait_for, lambda: model_state(sync, "variable") == (0, 1)
+                )
+                calls = [
+                    asyncio.ensure_future(client.predict("variable", {"x": x})) for x in inputs
+                ]
+                assert await asyncio.to_thread(
+                    wait_for, lambda: model_state(sync, "variable") == (4, 5)
+                )
+            gated.gate.open()
+            await blocker
+            return [answer["y"] for answer in await asyncio.gather(*calls)]
+
+    for x, y in zip(inputs, asyncio.run(main()), strict=True):
+        np.testing.assert_array_equal(y, 2 * x)
+    # The blocker alone, then one pass per length with both of its calls.
+    assert passes_since(gated.daemon, "variable", before) == (3, 5)
+
+
+def test_no_queue_delay_answers_a_lone_call_that_no_other_joins(gated: Gated) -> None:
+    """max_queue_delay_us = 0 with the fixed policy (which waits on every batch otherwise):
+    one call, and no other is ever sent, is answered at once.
+
+    Its 5 s deadline is the only clock, and it is half the longest delay a config may
+    set: a batcher that waited for company would hold the call until the deadline,
+    since nothing else comes. (A wait far shorter than 5 s cannot be told apart from
+    none without timing the call, which this suite does not do.)
+    """
+    before = forward_passes(gated.daemon, "variable")
+    gated.gate.open()
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with gated.daemon.client(timeout=5) as client:
+        np.testing.assert_array_equal(client.predict("variable", {"x": x})["y"], 2 * x)
+    assert passes_since(gated.daemon, "variable", before) == (1, 2)
+
+
+def test_adaptive_delay_waits_once_calls_have_shared_a_pass(gated: Gated) -> None:
+    """After two calls shared a forward pass, the next lone call waits for company, and gets it.
+
+    A held pass runs alone (nothing shared a pass yet), two calls queue behind it and
+    share the next; then a lone call stays queued (the 10 s delay) until a second joins.
+    """
+    gated.gate.close()
+    before = forward_passes(gated.daemon, "adaptive")
+
+    def x(value: float) -> dict[str, np.ndarray]:
+        return {"x": np.full((1, 1), value, np.float32)}
 
     async def main() -> None:
-        async with edgeinfer.AsyncClient(daemon.address, timeout=5) as client:
-            # A long pass runs alone (nothing shared a pass yet, so nothing waits) ...
-            alone = asyncio.ensure_future(client.predict("slow", rounds(3000)))
-            await asyncio.sleep(0.1)
-            # ... while two calls queue behind it and then share the next pass.
-            await asyncio.gather(alone, *(client.predict("slow", rounds(1)) for _ in range(2)))
-            # Now a lone call waits (up to 10 s) until a second one fills its batch of 2.
-            first = asyncio.ensure_future(client.predict("slow", rounds(1)))
-            await asyncio.sleep(0.3)
-            await asyncio.gather(first, client.predict("slow", rounds(1)))
+        async with edgeinfer.AsyncClient(gated.daemon.address, timeout=60) as client:
+            with gated.daemon.client(timeout=10) as sync:
+
+                async def until(state: tuple[int, int]) -> None:
+                    assert await asyncio.to_thread(
+                        wait_for, lambda: model_state(sync, "adaptive") == state
+                    )
+
+                alone = asyncio.ensure_future(client.predict("adaptive", x(1)))  # held
+                await until((0, 1))
+                pair = [asyncio.ensure_future(client.predict("adaptive", x(0))) for _ in "ab"]
+                await until((2, 3))
+                gated.gate.open()
+                await asyncio.gather(alone, *pair)
+                first = asyncio.ensure_future(client.predict("adaptive", x(0)))
+                await until((1, 1))  # queued, waiting for company
+                await asyncio.gather(first, client.predict("adaptive", x(0)))
 
     asyncio.run(main())
-    assert forward_passes(daemon, "slow") == (3, 5)
+    assert passes_since(gated.daemon, "adaptive", before) == (3, 5)

@@ -7,7 +7,6 @@ import itertools
 import logging
 import os
 import socket
-import statistics
 import tempfile
 import threading
 import time
@@ -55,12 +54,19 @@ class FakeManager:
                 continue
             self.received.append((arrived, dict(line.split("=", 1) for line in lines[:-1])))
 
-    def messages(self, wait_for: int = 1, timeout: float = 2.0) -> list[dict[str, str]]:
+    def messages(self, wait_for: int = 1, timeout: float = 30.0) -> list[dict[str, str]]:
         deadline = time.monotonic() + timeout
         while len(self.received) < wait_for and time.monotonic() < deadline:
             time.sleep(0.005)
         self.check()
         return [fields for _, fields in self.received]
+
+    def wait_for_pings(self, count: int, timeout: float = 30.0) -> bool:
+        """Wait until ``count`` WATCHDOG=1 datagrams have arrived (a generous deadline)."""
+        deadline = time.monotonic() + timeout
+        while len(self.ping_times()) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return len(self.ping_times()) >= count
 
     def check(self) -> None:
         assert not self.malformed, f"datagrams not in KEY=value newline form: {self.malformed!r}"
@@ -97,12 +103,24 @@ def gaps(times: list[float]) -> list[float]:
     return [later - earlier for earlier, later in itertools.pairwise(times)]
 
 
-async def watch_for(notifier: SystemdNotifier, seconds: float) -> None:
+class CountingNotifier(SystemdNotifier):
+    """Counts the pings it sends, so a test can tell when all of them have arrived."""
+
+    sent = 0
+
+    def watchdog_ping(self) -> None:
+        self.sent += 1
+        super().watchdog_ping()
+
+
+async def watch_until_pings(notifier: SystemdNotifier, manager: FakeManager, count: int) -> bool:
+    """Run the watchdog until ``count`` pings have arrived (or a generous deadline)."""
     task = asyncio.create_task(notifier.run_watchdog())
-    await asyncio.sleep(seconds)
+    arrived = await asyncio.to_thread(manager.wait_for_pings, count)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    return arrived
 
 
 def test_ready_sends_ready_and_status_in_one_datagram(manager: FakeManager) -> None:
@@ -168,24 +186,56 @@ def test_without_notify_socket_everything_is_a_no_op() -> None:
     asyncio.run(asyncio.wait_for(notifier.run_watchdog(), timeout=1))
 
 
-def test_watchdog_pings_at_half_the_timeout(manager: FakeManager) -> None:
-    """With WATCHDOG_USEC=200ms, WATCHDOG=1 arrives about every 100ms."""
+def test_watchdog_pings_then_waits_half_the_timeout(
+    manager: FakeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With WATCHDOG_USEC=200ms, each WATCHDOG=1 is followed by a wait of 100ms, then the next.
+
+    ``asyncio.sleep`` is replaced for this test by one that records how long it was
+    asked to wait and returns only when the test lets it: what is checked is the
+    order ping, wait(0.1), ping, ..., not how punctual this machine's timers are.
+    """
     notifier = notifier_for(manager, WATCHDOG_USEC="200000")
     assert notifier.watchdog_interval == pytest.approx(0.1)
-    asyncio.run(watch_for(notifier, 0.65))
-    times = manager.ping_times()
-    assert 4 <= len(times) <= 8
-    # Never early; typically on time (slack for a loaded test machine).
-    assert min(gaps(times)) >= 0.09, gaps(times)
-    assert statistics.median(gaps(times)) <= 0.15, gaps(times)
+
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        waits: asyncio.Queue[tuple[float, asyncio.Future[None]]] = asyncio.Queue()
+
+        async def held_sleep(seconds: float) -> None:
+            done = loop.create_future()
+            waits.put_nowait((seconds, done))
+            await done
+
+        monkeypatch.setattr(asyncio, "sleep", held_sleep)
+        task = asyncio.create_task(notifier.run_watchdog())
+        asked = []
+        for pings in range(1, 4):
+            seconds, done = await waits.get()
+            asked.append(seconds)
+            # The ping before this wait has arrived, and no other: the watchdog is waiting.
+            assert await asyncio.to_thread(manager.wait_for_pings, pings)
+            assert len(manager.ping_times()) == pings
+            done.set_result(None)
+        await waits.get()
+        task.cancel()
+        return asked
+
+    assert asyncio.run(scenario()) == [pytest.approx(0.1)] * 3
+
+
+def test_watchdog_never_pings_early(manager: FakeManager) -> None:
+    """On the real clock, pings are never closer than the interval (asyncio never wakes early)."""
+    notifier = notifier_for(manager, WATCHDOG_USEC="200000")
+    assert asyncio.run(watch_until_pings(notifier, manager, 3))
+    assert min(gaps(manager.ping_times())) >= 0.09, gaps(manager.ping_times())
 
 
 def test_watchdog_pings_when_watchdog_pid_is_ours(manager: FakeManager) -> None:
     """WATCHDOG_PID naming this process keeps the watchdog on."""
     notifier = notifier_for(manager, WATCHDOG_USEC="200000", WATCHDOG_PID=str(os.getpid()))
     assert notifier.watchdog_interval == pytest.approx(0.1)
-    asyncio.run(watch_for(notifier, 0.25))
-    assert len(manager.ping_times()) >= 2
+    assert asyncio.run(watch_until_pings(notifier, manager, 2))
 
 
 def test_no_pings_when_watchdog_pid_is_another_process(manager: FakeManager) -> None:
@@ -198,36 +248,71 @@ def test_no_pings_when_watchdog_pid_is_another_process(manager: FakeManager) -> 
 
 
 def test_pings_continue_while_a_forward_pass_blocks_a_thread(manager: FakeManager) -> None:
-    """A forward pass stuck 1.5s in an executor thread does not interrupt the pings."""
+    """Three pings arrive while an executor thread (a forward pass) is held on a gate."""
     notifier = notifier_for(manager, WATCHDOG_USEC="200000")
 
-    async def scenario() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
         task = asyncio.create_task(notifier.run_watchdog())
-        await asyncio.get_running_loop().run_in_executor(None, time.sleep, 1.5)
-        task.cancel()
+        blocked, gate = threading.Event(), threading.Event()
 
-    asyncio.run(scenario())
-    times = manager.ping_times()
-    assert len(times) >= 10
-    assert max(gaps(times)) < 0.5, gaps(times)
+        def forward_pass() -> None:
+            blocked.set()
+            gate.wait(60)
+
+        running = loop.run_in_executor(None, forward_pass)
+        assert await asyncio.to_thread(blocked.wait, 30)
+        before = len(manager.ping_times())
+        arrived = await asyncio.to_thread(manager.wait_for_pings, before + 3)
+        still_blocked = not running.done()
+        gate.set()
+        await running
+        task.cancel()
+        return arrived, still_blocked
+
+    assert asyncio.run(scenario()) == (True, True)
+
+
+#: Watchdog intervals watched with the event loop blocked: a ping is due in each.
+BLOCKED_INTERVALS = 3
 
 
 def test_pings_stop_while_the_event_loop_is_blocked(manager: FakeManager) -> None:
-    """Blocking the event loop itself for 1s leaves a 1s hole in the pings: systemd would act."""
-    notifier = notifier_for(manager, WATCHDOG_USEC="200000")
+    """While the event loop itself is blocked, no ping is sent: systemd would act. They resume.
 
-    async def scenario() -> None:
+    The loop blocks on a gate that a helper thread opens once every ping sent
+    before the block has arrived and then BLOCKED_INTERVALS intervals have passed
+    with none (the claim is about an absence, so it is watched for a span).
+    """
+    notifier = CountingNotifier(manager.address, 200_000)
+    interval = notifier.watchdog_interval
+    assert interval is not None
+    blocking, gate = threading.Event(), threading.Event()
+    during: list[int] = []
+
+    def watch() -> None:
+        assert blocking.wait(30)
+        manager.wait_for_pings(notifier.sent)  # nothing sent before the block is in transit
+        before = len(manager.ping_times())
+        time.sleep(BLOCKED_INTERVALS * interval)
+        during.append(len(manager.ping_times()) - before)
+        gate.set()
+
+    async def scenario() -> bool:
         task = asyncio.create_task(notifier.run_watchdog())
-        await asyncio.sleep(0.35)
-        time.sleep(1.0)  # noqa: ASYNC251 -- a wedged loop, on purpose
-        await asyncio.sleep(0.35)
+        assert await asyncio.to_thread(manager.wait_for_pings, 2)  # pinging normally
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        blocking.set()
+        gate.wait(60)  # a wedged loop, on purpose
+        watcher.join()
+        after = len(manager.ping_times())
+        resumed = await asyncio.to_thread(manager.wait_for_pings, after + 1)
         task.cancel()
+        return resumed
 
-    asyncio.run(scenario())
-    times = manager.ping_times()
-    assert max(gaps(times)) >= 0.95
-    # Before and after the block it pinged normally.
-    assert sorted(gaps(times))[-2] < 0.5
+    assert asyncio.run(scenario())
+    assert during == [0]
 
 
 def test_lost_socket_is_logged_once_and_never_raises(

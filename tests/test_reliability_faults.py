@@ -8,7 +8,6 @@ import json
 import shutil
 import signal
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,16 +22,22 @@ from edgeinfer.v1 import inference_pb2 as pb
 from edgeinfer.v1 import inference_pb2_grpc
 from tests import models
 from tests.conftest import Daemon, StartDaemon, daemon_config
+from tests.gate import Gate, write_launcher
 from tests.reliability_helpers import (
     add_counter,
     code_of_future,
     figure,
-    settle,
+    rss_kib,
+    thread_count,
     tree_digest,
     wait_for,
 )
 
 X = np.ones((1, 16), np.float32)
+
+
+#: Messages the load's stream keeps unanswered at most (it sends the next on an answer).
+STREAM_WINDOW = 4
 
 
 class Load:
@@ -41,6 +46,8 @@ class Load:
     def __init__(self, daemon: Daemon, threads: int = 3) -> None:
         self.daemon = daemon
         self.stop = threading.Event()
+        #: Room in the stream's window: taken per message sent, given back per answer.
+        self._window = threading.Semaphore(STREAM_WINDOW)
         self.versions: list[list[str]] = [[] for _ in range(threads + 1)]
         self.errors: list[str] = []
         self.threads = [threading.Thread(target=self._unary, args=(i,)) for i in range(threads)] + [
@@ -54,6 +61,7 @@ class Load:
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
+        self._window.release()  # a stream waiting for room sees the stop
         for thread in self.threads:
             thread.join(60)
 
@@ -73,9 +81,9 @@ class Load:
 
     def _stream(self, index: int) -> None:
         def messages() -> Iterator[pb.PredictRequest]:
-            while not self.stop.is_set():
+            # Paced by the answers, not by a pause: at most STREAM_WINDOW unanswered.
+            while self._window.acquire() and not self.stop.is_set():
                 yield build_request("mlp", {"x": X})
-                time.sleep(0.001)
 
         with self.daemon.client(timeout=300) as client:
             stub = inference_pb2_grpc.InferenceStub(client._channel)
@@ -85,6 +93,7 @@ class Load:
                         self.errors.append(answer.error.message)
                     else:
                         self.versions[index].append(answer.response.version)
+                    self._window.release()
             except grpc.RpcError as error:
                 self.errors.append(f"stream {error.code().name}: {error.details()}")
 
@@ -127,11 +136,13 @@ def test_old_version_finishes_its_in_flight_calls(
 ) -> None:
     """Calls running or queued on version 1 complete on it after version 2 already serves."""
     repo = tmp_path / "repo"
-    add_counter(repo)
-    daemon = start_daemon(repo)
+    gate = Gate(tmp_path / "gate")
+    add_counter(repo, gate)
+    daemon = start_daemon(repo, launcher=write_launcher(tmp_path))
     with daemon.client(timeout=60) as client, grpc.insecure_channel(daemon.address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
-        spin = build_request("counter", {"x": np.full((1, 1), 8000, np.float32)})
+        # Each call holds its forward pass at the gate, until the test opens it.
+        spin = build_request("counter", {"x": np.ones((1, 1), np.float32)})
         client.predict("counter", {"x": np.zeros((1, 1), np.float32)})  # listed in GetStats now
         old = [stub.Predict.future(spin, timeout=120) for _ in range(3)]  # one runs, two queue
         assert wait_for(lambda: any(m.queued == 2 for m in client.get_stats().models))
@@ -140,6 +151,7 @@ def test_old_version_finishes_its_in_flight_calls(
         assert client.load_model("counter").serving_version == "2"
         quick = client.predict("counter", {"x": np.zeros((1, 1), np.float32)})
         new_serving_while_old_busy = not any(f.done() for f in old)
+        gate.open()
         results = [f.result() for f in old]
     figure(
         "faults.old_version_drains",
@@ -284,7 +296,9 @@ async def aborted_streams(address: str, count: int, wave: int = 50) -> Counter[s
     """Open ``count`` streams ``wave`` at a time; each sends, maybe reads once, then cancels."""
     ways: Counter[str] = Counter()
     request = build_request("mlp", {"x": X})
-    spin = build_request("counter", {"x": np.full((1, 1), 200, np.float32)})
+    # Held at the counter's closed gate: every stream is cancelled with this call queued
+    # (or, for one of them, running).
+    spin = build_request("counter", {"x": np.ones((1, 1), np.float32)})
     async with grpc.aio.insecure_channel(address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
 
@@ -309,21 +323,31 @@ def idle(stats: Stats) -> bool:
     return stats.in_flight == 0 and all(m.in_flight == 0 for m in stats.models)
 
 
+def callers_gone(stats: Stats) -> bool:
+    """No call counted in flight and none queued (a forward pass may still run)."""
+    return stats.in_flight == 0 and all(m.queued == 0 for m in stats.models)
+
+
 def test_aborted_streams_leave_nothing_behind(start_daemon: StartDaemon, tmp_path: Path) -> None:
     """1,000 streams cancelled mid-flight leave no threads, calls in flight or memory behind."""
     repo = tmp_path / "repo"
     models.add_mlp(repo)
-    add_counter(repo)
-    daemon = start_daemon(repo)
+    gate = Gate(tmp_path / "gate")
+    add_counter(repo, gate)
+    daemon = start_daemon(repo, launcher=write_launcher(tmp_path))
     pid = daemon.process.pid
-    asyncio.run(aborted_streams(daemon.address, 100))  # warm-up: lazily made buffers, threads
-    threads_before, rss_before = settle(pid)
-    ways = asyncio.run(aborted_streams(daemon.address, STREAMS))
     with daemon.client(timeout=30) as client:
-        # Callers are counted out when they go; a forward pass they started still runs to its end.
+        asyncio.run(aborted_streams(daemon.address, 100))  # warm-up: lazily made buffers, threads
+        assert wait_for(lambda: callers_gone(client.get_stats()))
+        threads_before, rss_before = thread_count(pid), rss_kib(pid)
+        ways = asyncio.run(aborted_streams(daemon.address, STREAMS))
+        # Callers are counted out when they go, although the one forward pass a cancelled
+        # stream started still waits at the gate; opened, it runs to its end.
+        assert wait_for(lambda: callers_gone(client.get_stats()))
+        gate.open()
         assert wait_for(lambda: idle(client.get_stats()))
         stats = client.get_stats()
-        threads_after, rss_after = settle(pid)
+        threads_after, rss_after = thread_count(pid), rss_kib(pid)
         assert client.predict("mlp", {"x": X})["y"].shape == (1, 4)
     figure(
         "faults.aborted_streams",

@@ -453,3 +453,61 @@ def test_other_users_cannot_list_use_or_unregister_a_region(shared_daemon: Daemo
             owner.predict("mlp", {"x": np.ones((1, 16), np.float32)}, shared_memory=region)
         finally:
             owner.unregister_shared_memory(region)
+
+
+TRUNCATED_BY_ANOTHER_PROCESS = """
+import json, subprocess, sys
+import numpy as np
+import edgeinfer
+from edgeinfer.shm import SHM_ROOT, SharedMemoryRegion
+from edgeinfer.v1 import tensor_pb2
+
+x = np.ones((1, 16), np.float32)
+result = {}
+with edgeinfer.Client(sys.argv[1], timeout=30) as client, SharedMemoryRegion.create(8192) as region:
+    client.register_shared_memory(region)
+    shm = {"shared_memory": region, "outputs": ["y"], "outputs_in_shared_memory": True}
+    client.predict("mlp", {"x": x}, **shm)
+
+    def truncate(size):  # another process of the same user
+        subprocess.run(["truncate", "-s", str(size), str(SHM_ROOT / region.name)], check=True)
+
+    truncate(0)
+    try:
+        client.predict("mlp", {"x": x}, **shm)
+    except edgeinfer.EdgeInferError as error:
+        result["predict"] = error.code.name
+    truncate(0)
+    output = tensor_pb2.Tensor(name="y", dtype=tensor_pb2.FLOAT32, shape=[1, 4])
+    output.shared_memory.CopyFrom(
+        tensor_pb2.SharedMemoryRef(region=region.name, offset=64, byte_size=16)
+    )
+    try:
+        region.read(output)
+    except ValueError as error:
+        result["read"] = str(error)
+    client.unregister_shared_memory(region)
+print(json.dumps(result))
+"""
+
+
+def test_client_survives_its_region_truncated_by_another_process(daemon: Daemon) -> None:
+    """Another process of the same user truncates the client's object: errors, not SIGBUS.
+
+    The client runs in a child process, so that a client that mapped the object
+    (and died of SIGBUS writing inputs or reading outputs) fails this test instead
+    of killing pytest. The truncation is done by ``truncate(1)``, a real other process.
+    """
+    child = subprocess.run(
+        [sys.executable, "-c", TRUNCATED_BY_ANOTHER_PROCESS, daemon.address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    result = json.loads(child.stdout)
+    # Inputs were written past the cut (the object grew back to hold them); the daemon
+    # then refused the output slice beyond the object's new end.
+    assert result["predict"] == "INVALID_ARGUMENT"
+    assert "needs bytes 64..80" in result["read"] and "which has 0 bytes" in result["read"]
+    assert daemon.process.poll() is None

@@ -1,17 +1,30 @@
-"""The stream pipeline's bounds, on the real ``answer_in_order``.
+"""The stream pipeline's bounds: per stream, and per connection.
 
-Transport-free on purpose: a caller that never reads its answers can only be
-observed over gRPC through HTTP/2 flow-control windows, whose sizes are the
-transport's business. Here ``finish`` blocks on a gate instead, standing for
-that caller, and the test counts how many messages were started meanwhile.
+The per-stream tests are transport-free on purpose: ``finish`` blocks on a
+gate, standing for a caller that never reads its answers, and the test counts
+how many messages were started meanwhile. The per-connection budget is shown
+on a real daemon over TCP, through the real client, with the bytes the daemon
+holds read from its own ``/metrics`` gauges.
 """
 
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import grpc
+import numpy as np
+
+import edgeinfer
+from edgeinfer.client import build_request
+from edgeinfer.v1 import inference_pb2_grpc
+from edgeinferd.budgets import CONNECTION_STREAM_BYTES
 from edgeinferd.protocol.streams import STREAM_PIPELINE_BYTES, answer_in_order
+from tests import models
+from tests.conftest import StartDaemon
+from tests.reliability_helpers import figure, free_port, wait_for
 
 MESSAGE = 2 << 20  # bytes
 
@@ -81,3 +94,118 @@ def test_a_message_larger_than_the_budget_runs_alone() -> None:
     held, answers = _run(3, STREAM_PIPELINE_BYTES * 2)
     assert held == 1
     assert answers == [1, 2, 3]
+
+
+# -- the per-connection budget, on a real daemon -------------------------------------
+
+#: int64 elements per input: two inputs make one 2 MiB request (and a 2 MiB answer).
+ELEMENTS = 1 << 17
+#: Streams one connection opens, and the messages each offers (more than it may hold).
+STREAMS_PER_CONNECTION = 4
+OFFERED = 12
+
+
+def gauges(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("edgeinfer_stream_"):
+            name, value = line.split()
+            values[name] = float(value)
+    return values
+
+
+def unread_stream(stub: inference_pb2_grpc.InferenceStub, count: int) -> grpc.Future:
+    """A stream of ``count`` 2 MiB requests; no answer is read.
+
+    The first connection's streams use the real client's own stub rather than
+    ``Client.stream``, whose generator starts the call only when its first answer
+    is asked for: a stream opened on a connection whose budget is full has no
+    message read, so it has no first answer.
+    """
+    a = np.arange(ELEMENTS, dtype=np.int64)
+    requests = (build_request("adder", {"a": a, "b": a}) for _ in range(count))
+    call: grpc.Future = stub.PredictStream(requests, timeout=120)
+    return call
+
+
+def unread_v2_stream(channel: grpc.Channel, count: int) -> grpc.Future:
+    """The same requests on a KServe V2 ``ModelStreamInfer`` stream; no answer is read."""
+    from tritonclient.grpc import service_pb2
+
+    a = np.arange(ELEMENTS, dtype=np.int64)
+    message = service_pb2.ModelInferRequest(model_name="adder")
+    for name in ("a", "b"):
+        message.inputs.add(name=name, datatype="INT64", shape=[ELEMENTS])
+        message.raw_input_contents.append(a.tobytes())
+    infer = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+        response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+    )
+    call: grpc.Future = infer((message for _ in range(count)), timeout=120)
+    return call
+
+
+def test_a_connections_streams_share_one_byte_budget(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Four streams on one TCP connection, answers unread, hold the connection's budget
+    (plus at most one message per stream), not four times the per-stream bound;
+    a second connection (a KServe V2 stream) has a budget of its own; the bookkeeping
+    empties when they end."""
+    repo = tmp_path / "repo"
+    models.add_adder(repo)
+    tcp, metrics = free_port(), free_port()
+    daemon = start_daemon(
+        repo, f'tcp = "127.0.0.1:{tcp}"\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
+    )
+    a = np.arange(ELEMENTS, dtype=np.int64)
+    message = build_request("adder", {"a": a, "b": a}).ByteSize()
+    # Below its budget, each of the connection's streams may read one more message.
+    bound = CONNECTION_STREAM_BYTES + STREAMS_PER_CONNECTION * message
+    with edgeinfer.Client(f"127.0.0.1:{tcp}", timeout=60) as first:
+        streams = [unread_stream(first._stub, OFFERED) for _ in range(STREAMS_PER_CONNECTION)]
+        # The connection's streams stop reading once it holds its budget.
+        assert wait_for(
+            lambda: gauges(metrics)["edgeinfer_stream_request_bytes"] >= CONNECTION_STREAM_BYTES,
+            timeout=60,
+        ), gauges(metrics)
+        # A second connection, for sure: gRPC lets channels to one address share theirs.
+        with grpc.insecure_channel(
+            f"127.0.0.1:{tcp}", options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            other = unread_v2_stream(channel, OFFERED)
+            # Its one KServe V2 stream fills its own bound in its own connection's budget
+            # (the gauges count only streams that have one), beside the first.
+            assert wait_for(
+                lambda: (
+                    gauges(metrics)["edgeinfer_stream_request_bytes"]
+                    - gauges(metrics)["edgeinfer_stream_connection_request_bytes_max"]
+                    >= STREAM_PIPELINE_BYTES
+                ),
+                timeout=60,
+            ), gauges(metrics)
+            held = gauges(metrics)
+            for call in [*streams, other]:
+                call.cancel()
+            assert wait_for(lambda: gauges(metrics)["edgeinfer_stream_connections"] == 0)
+            after = gauges(metrics)
+    figure(
+        "streams.connection_budget",
+        streams=STREAMS_PER_CONNECTION,
+        message_bytes=message,
+        offered_per_stream=OFFERED * message,
+        held_by_first_connection=int(held["edgeinfer_stream_connection_request_bytes_max"]),
+        held_in_all=int(held["edgeinfer_stream_request_bytes"]),
+        bound=bound,
+        per_stream_bounds_alone=STREAMS_PER_CONNECTION * (STREAM_PIPELINE_BYTES + message),
+        connections_after=int(after["edgeinfer_stream_connections"]),
+        bytes_after=int(after["edgeinfer_stream_request_bytes"]),
+    )
+    assert held["edgeinfer_stream_connection_request_bytes_max"] <= bound
+    assert held["edgeinfer_stream_connections"] == 2
+    assert after["edgeinfer_stream_request_bytes"] == 0
+    with daemon.client(timeout=30) as client:  # still serving
+        a = np.arange(3, dtype=np.int64)
+        assert client.predict("adder", {"a": a, "b": a})["sum"].tolist() == [0, 2, 4]

@@ -18,6 +18,7 @@ import structlog
 
 from edgeinfer.tensors import shape_repr
 from edgeinferd.batching import QueuedCall
+from edgeinferd.budgets import ConnectionBudgets
 from edgeinferd.errors import Cancelled, InvalidInput, ModelExecutionError, PermissionDenied
 from edgeinferd.generation import params as generation_params
 from edgeinferd.generation.chat import Message
@@ -99,7 +100,9 @@ class DataPlane:
         self.shared_memory = SharedMemoryRegistry()
         #: Tokens that stand for the uids of Unix-socket callers (they own regions).
         self.peers = PeerTokens()
-        self.metrics = Metrics()
+        #: Request bytes each connection's streams hold (shared by its streams).
+        self.stream_budgets = ConnectionBudgets()
+        self.metrics = Metrics(self.stream_budgets)
         #: Set when a graceful stop begins: live, but no longer ready for new work.
         self.draining = False
 

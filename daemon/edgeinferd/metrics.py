@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from edgeinferd.errors import status_name
 
 if TYPE_CHECKING:
+    from edgeinferd.budgets import ConnectionBudgets
     from edgeinferd.models import ModelManager
 
 #: Seconds; from 50 µs (a fast batch-1 call) to 10 s.
@@ -63,9 +64,11 @@ class ModelCounters:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, stream_budgets: ConnectionBudgets | None = None) -> None:
         self.started = time.monotonic()
         self.in_flight = 0
+        #: Read for the stream gauges; owned by the data plane.
+        self.stream_budgets = stream_budgets
         self.models: dict[tuple[str, str], ModelCounters] = {}
 
     def record(
@@ -181,6 +184,23 @@ class PrometheusCollector:
         yield GaugeMetricFamily(
             "edgeinfer_in_flight_requests", "Calls being served now.", value=self.metrics.in_flight
         )
+        budgets = self.metrics.stream_budgets
+        if budgets is not None:
+            yield GaugeMetricFamily(
+                "edgeinfer_stream_request_bytes",
+                "Request bytes held by streams with a per-connection budget (TCP), all together.",
+                value=budgets.held,
+            )
+            yield GaugeMetricFamily(
+                "edgeinfer_stream_connection_request_bytes_max",
+                "Request bytes held by the streams of the connection holding the most.",
+                value=budgets.most_held,
+            )
+            yield GaugeMetricFamily(
+                "edgeinfer_stream_connections",
+                "Connections with a stream open now (entries of the per-connection budgets).",
+                value=budgets.connections,
+            )
 
 
 #: HTTP connections served at once; more are closed at once (a scrape is one connection).

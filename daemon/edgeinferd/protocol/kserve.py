@@ -34,6 +34,7 @@ from edgeinfer.tensors import (
     shape_repr,
 )
 from edgeinferd.batching import BatchStats
+from edgeinferd.budgets import connection_of
 from edgeinferd.dataplane import (
     DataPlane,
     InferenceRequest,
@@ -473,14 +474,16 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             task.cancel()
 
         # A task per message: simpler than edgeinfer.v1's fast path, and V2 streams are rarer.
-        async for answer in answer_in_order(
-            request_iterator,
-            start=lambda message: asyncio.ensure_future(one(message)),
-            finish=lambda task: task,
-            abandon=cancel,
-            size=lambda message: message.ByteSize(),
-        ):
-            yield answer
+        with self.dataplane.stream_budgets.stream(connection_of(context.peer())) as shared:
+            async for answer in answer_in_order(
+                request_iterator,
+                start=lambda message: asyncio.ensure_future(one(message)),
+                finish=lambda task: task,
+                abandon=cancel,
+                size=lambda message: message.ByteSize(),
+                shared=shared,
+            ):
+                yield answer
 
     # -- model repository ----------------------------------------------------------
 

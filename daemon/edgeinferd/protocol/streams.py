@@ -17,6 +17,8 @@ import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from edgeinferd.budgets import ByteBudget
+
 Request = TypeVar("Request")
 Started = TypeVar("Started")
 Answer = TypeVar("Answer")
@@ -45,6 +47,7 @@ async def answer_in_order(
     depth: int = STREAM_PIPELINE_DEPTH,
     size: Callable[[Request], int] | None = None,
     max_bytes: int = STREAM_PIPELINE_BYTES,
+    shared: ByteBudget | None = None,
 ) -> AsyncIterator[Answer]:
     """Yield ``await finish(start(message))`` for each message, in order, ``depth`` ahead.
 
@@ -55,11 +58,15 @@ async def answer_in_order(
     iterator (the caller went away) stops the reader and hands every message
     started but not finished to ``abandon``, so nothing is left running.
     With ``size``, messages also wait until their bytes fit ``max_bytes`` (or
-    nothing else is in flight).
+    nothing else is in flight). With ``shared`` too (the budget of the
+    stream's connection, ``edgeinferd.budgets``), the next message is read only
+    while that budget has room, and its bytes count there until answered.
     """
     slots = asyncio.Semaphore(depth)
     room = asyncio.Condition()
     held = 0
+    #: Bytes this stream counts in ``shared``: given back as answered, the rest at the end.
+    shared_held = 0
     # Unbounded: the semaphore bounds it, and the reader can always post its end marker.
     pending: asyncio.Queue[tuple[Started, int] | _End] = asyncio.Queue()
 
@@ -67,11 +74,21 @@ async def answer_in_order(
         return held == 0 or held + nbytes <= max_bytes
 
     async def read() -> None:
-        nonlocal held
+        nonlocal held, shared_held
         try:
-            async for message in requests:
-                await slots.acquire()
+            messages = aiter(requests)
+            while True:
+                if shared is not None:
+                    await shared.wait_for_room()
+                try:
+                    message = await anext(messages)
+                except StopAsyncIteration:
+                    break
                 nbytes = size(message) if size is not None else 0
+                if shared is not None:
+                    shared.take(nbytes)
+                    shared_held += nbytes
+                await slots.acquire()
                 if nbytes:
                     async with room:
                         await room.wait_for(functools.partial(fits, nbytes))
@@ -81,8 +98,11 @@ async def answer_in_order(
             pending.put_nowait(_END)
 
     async def release(nbytes: int) -> None:
-        nonlocal held
+        nonlocal held, shared_held
         slots.release()
+        if shared is not None:
+            shared_held -= nbytes
+            shared.release(nbytes)
         if nbytes:
             async with room:
                 held -= nbytes
@@ -100,6 +120,9 @@ async def answer_in_order(
         await reader  # surfaces a transport error from reading
     finally:
         reader.cancel()
+        if shared is not None:
+            shared.release(shared_held)
+            shared_held = 0
         if not isinstance(current, _End):
             abandon(current[0])
         while not pending.empty():

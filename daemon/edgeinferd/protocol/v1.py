@@ -21,6 +21,7 @@ from edgeinfer.tensors import (
 )
 from edgeinfer.v1 import inference_pb2 as pb
 from edgeinfer.v1 import inference_pb2_grpc, tensor_pb2
+from edgeinferd.budgets import connection_of
 from edgeinferd.dataplane import (
     Caller,
     DataPlane,
@@ -335,10 +336,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if isinstance(item.started, PendingInference):
                 self.dataplane.abandon(item.started)
 
-        async for answer in answer_in_order(
-            request_iterator, start, finish, abandon, size=message_bytes
-        ):
-            yield answer
+        with self.dataplane.stream_budgets.stream(connection_of(context.peer())) as shared:
+            async for answer in answer_in_order(
+                request_iterator, start, finish, abandon, size=message_bytes, shared=shared
+            ):
+                yield answer
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
