@@ -18,7 +18,9 @@ import pytest
 import edgeinfer
 from edgeinfer.client import build_request
 from tests import models
-from tests.conftest import StartDaemon, short_tmpdir
+from tests.conftest import Daemon, StartDaemon, short_tmpdir
+from tests.gate import Gate, write_launcher
+from tests.reliability_helpers import add_counter
 
 
 def run_daemon(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -30,30 +32,58 @@ def run_daemon(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
     )
 
 
-def test_sigterm_lets_in_flight_calls_finish(start_daemon: StartDaemon, tmp_path: Path) -> None:
-    """SIGTERM with calls running: every call completes, then the daemon exits 0."""
+def gated_daemon(start_daemon: StartDaemon, tmp_path: Path) -> tuple[Daemon, Gate]:
+    """A daemon serving the gated counter (its passes end when the test opens the gate)
+    and the mlp (which answers at once), with a grace period no test reaches."""
     repo = tmp_path / "repo"
-    models.add_slow(repo)
-    # A generous grace period: on a loaded machine the calls may take seconds.
-    daemon = start_daemon(repo, "[shutdown]\ngrace_period_s = 120\n")
+    gate = Gate(tmp_path / "gate")
+    add_counter(repo, gate)
+    models.add_mlp(repo)
+    daemon = start_daemon(
+        repo, "[shutdown]\ngrace_period_s = 120\n", launcher=write_launcher(tmp_path)
+    )
+    return daemon, gate
+
+
+def refused_after_stop(client: edgeinfer.Client) -> list[str]:
+    """Call the mlp until a call is refused (the stop has begun); the codes seen."""
+    x = np.ones((1, 16), np.float32)
+    codes: list[str] = []
+    while (not codes or codes[-1] == "OK") and len(codes) < 10_000:
+        try:
+            client.predict("mlp", {"x": x})
+            codes.append("OK")
+        except edgeinfer.EdgeInferError as error:
+            codes.append(error.code.name)
+    return codes
+
+
+def test_sigterm_lets_in_flight_calls_finish(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    """SIGTERM with four calls in flight (held at a gate): the stop begins (new calls are
+    refused), the gate opens only then, every call completes, and the daemon exits 0."""
+    daemon, gate = gated_daemon(start_daemon, tmp_path)
     results: list[object] = []
 
     def call() -> None:
         with daemon.client(timeout=60) as client:
             try:
-                results.append(client.predict("slow", {"x": np.full((1, 1), 3000, np.float32)}))
+                results.append(client.predict("counter", {"x": np.ones((1, 1), np.float32)}))
             except edgeinfer.EdgeInferError as error:
                 results.append(error)
 
     threads = [threading.Thread(target=call) for _ in range(4)]
     for thread in threads:
         thread.start()
-    # Not a sleep: SIGTERM goes once the daemon counts all four calls in flight.
-    with daemon.client(timeout=60) as probe:
-        while probe.get_stats().in_flight < 4 and len(results) < 4:
-            pass
-    assert results == [], "every call should still be in flight when SIGTERM arrives"
-    daemon.signal(signal.SIGTERM)
+    try:
+        with daemon.client(timeout=60) as probe:
+            while probe.get_stats().in_flight < 4:  # counted by the daemon, not timed
+                pass
+            assert results == []
+            daemon.signal(signal.SIGTERM)
+            assert refused_after_stop(probe)[-1] in ("UNAVAILABLE", "CANCELLED")
+        assert results == [], "the held calls must still be running once the stop has begun"
+    finally:
+        gate.open()
     for thread in threads:
         thread.join(60)
     assert daemon.process.wait(60) == 0
@@ -64,36 +94,28 @@ def test_sigterm_lets_in_flight_calls_finish(start_daemon: StartDaemon, tmp_path
 def test_new_calls_are_refused_after_sigterm(start_daemon: StartDaemon, tmp_path: Path) -> None:
     """After SIGTERM a new call is UNAVAILABLE while the one in flight still completes.
 
-    Ordered by counters, not sleeps: SIGTERM is sent once GetStats shows the slow call
+    Ordered by counters and a gate, not sleeps: SIGTERM is sent once GetStats shows the held call
     in flight; new calls are then made until one is refused (the signal handler has run),
     and every later one must be refused too. Then the socket is removed and the exit is 0.
     """
-    repo = tmp_path / "repo"
-    models.add_slow(repo)
-    models.add_mlp(repo)
-    daemon = start_daemon(repo, "[shutdown]\ngrace_period_s = 120\n")
+    daemon, gate = gated_daemon(start_daemon, tmp_path)
     x = np.ones((1, 16), np.float32)
     with daemon.client(timeout=60) as client:
         running = client._stub.Predict.future(
-            build_request("slow", {"x": np.full((1, 1), 3000, np.float32)}), timeout=60
+            build_request("counter", {"x": np.ones((1, 1), np.float32)}), timeout=60
         )
         while client.get_stats().in_flight < 1 and not running.done():
             pass
         daemon.signal(signal.SIGTERM)
-        codes = []
-        while (not codes or codes[-1] == "OK") and len(codes) < 10_000:
-            try:
-                client.predict("mlp", {"x": x})
-                codes.append("OK")
-            except edgeinfer.EdgeInferError as error:
-                codes.append(error.code.name)
-        # Refused while the slow call still runs: the stop began at once, not after it.
+        codes = refused_after_stop(client)
+        # Refused while the held call still runs: the stop began at once, not after it.
         still_running = not running.done()
         later = []
         for _ in range(5):
             with pytest.raises(edgeinfer.EdgeInferError) as caught:
                 client.predict("mlp", {"x": x})
             later.append(caught.value.code.name)
+        gate.open()
         assert running.result().outputs[0].name == "y"
     # A call that arrives just as the stop begins is CANCELLED by gRPC (accepted, never
     # given to a handler); after that the listener is closed: UNAVAILABLE.
@@ -274,23 +296,25 @@ def test_second_signal_exits_at_once(
     start_daemon: StartDaemon, tmp_path: Path, signum: int
 ) -> None:
     """A second stop signal during a long graceful stop ends the process immediately."""
-    repo = tmp_path / "repo"
-    models.add_slow(repo)
-    daemon = start_daemon(repo, "[shutdown]\ngrace_period_s = 120\n")
+    daemon, gate = gated_daemon(start_daemon, tmp_path)
     client = daemon.client(timeout=120)
 
     def call() -> None:
         with contextlib.suppress(edgeinfer.EdgeInferError):
-            client.predict("slow", {"x": np.full((1, 1), 10**6, np.float32)})
+            client.predict("counter", {"x": np.ones((1, 1), np.float32)})
 
     caller = threading.Thread(target=call)
     caller.start()
-    time.sleep(0.5)
-    daemon.signal(signum)
-    time.sleep(0.5)
-    started = time.monotonic()
-    daemon.signal(signum)
-    assert daemon.process.wait(30) == 128 + signum
-    assert time.monotonic() - started < 20
+    try:
+        while client.get_stats().in_flight < 1:  # held at the gate: the stop cannot finish
+            pass
+        daemon.signal(signum)
+        refused_after_stop(client)  # the first signal has been handled
+        started = time.monotonic()
+        daemon.signal(signum)
+        assert daemon.process.wait(30) == 128 + signum
+        assert time.monotonic() - started < 20
+    finally:
+        gate.open()
     caller.join(30)
     client.close()
