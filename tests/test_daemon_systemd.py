@@ -12,6 +12,8 @@ import numpy as np
 
 from tests import models
 from tests.conftest import StartDaemon, short_tmpdir
+from tests.gate import Gate, write_launcher
+from tests.reliability_helpers import add_counter
 
 
 class FakeManager:
@@ -102,34 +104,40 @@ def test_watchdog_pings_while_a_forward_pass_is_stuck(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
     """With WATCHDOG_USEC set, WATCHDOG=1 keeps arriving at about half the interval
-    even while a long forward pass occupies a worker thread."""
+    even while a forward pass, held at a gate, occupies a worker thread."""
     repo = tmp_path / "repo"
-    models.add_slow(repo)
+    gate = Gate(tmp_path / "gate")
+    add_counter(repo, gate)
     manager = FakeManager()
     daemon = start_daemon(
         repo,
         env={"NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "400000", "WATCHDOG_PID": ""},
+        launcher=write_launcher(tmp_path),
     )
     client = daemon.client(timeout=60)
     thread = threading.Thread(
-        target=client.predict, args=("slow", {"x": np.full((1, 1), 10000, np.float32)})
+        target=client.predict, args=("counter", {"x": np.ones((1, 1), np.float32)})
     )
     thread.start()
-    # Gates, not sleeps: the slow call is in flight by the daemon's own count, then
-    # pings are collected until four arrived (or the forward pass ended).
-    with daemon.client(timeout=10) as probe:
-        while probe.get_stats().in_flight < 1 and thread.is_alive():
-            pass
-    manager.poll()
-    start = len(manager.messages)
-
-    def pings_so_far() -> list[float]:
-        return [t for t, f in manager.messages[start:] if f.get("WATCHDOG") == "1"]
-
-    while len(pings_so_far()) < 4 and thread.is_alive():
+    try:
+        # Gates, not sleeps: the held call is in flight by the daemon's own count, then
+        # pings are collected until four arrived; the pass ends only when the gate opens.
+        with daemon.client(timeout=10) as probe:
+            while probe.get_stats().in_flight < 1:
+                pass
         manager.poll()
-    pings = pings_so_far()
-    assert thread.is_alive(), "the forward pass should still be running"
+        start = len(manager.messages)
+
+        def pings_so_far() -> list[float]:
+            return [t for t, f in manager.messages[start:] if f.get("WATCHDOG") == "1"]
+
+        deadline = time.monotonic() + 60  # only a daemon that stopped pinging gets here
+        while len(pings_so_far()) < 4 and time.monotonic() < deadline:
+            manager.poll()
+        pings = pings_so_far()
+        assert thread.is_alive(), "the forward pass should still be held"
+    finally:
+        gate.open()
     assert len(pings) >= 4, pings
     gaps = np.diff(pings)
     assert gaps.max() < 0.6
