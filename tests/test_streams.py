@@ -125,7 +125,8 @@ def unread_stream(stub: inference_pb2_grpc.InferenceStub, count: int) -> grpc.Fu
     """
     a = np.arange(ELEMENTS, dtype=np.int64)
     requests = (build_request("adder", {"a": a, "b": a}) for _ in range(count))
-    call: grpc.Future = stub.PredictStream(requests, timeout=120)
+    # wait_for_ready: a channel still connecting must not fail the stream at once.
+    call: grpc.Future = stub.PredictStream(requests, timeout=120, wait_for_ready=True)
     return call
 
 
@@ -143,7 +144,7 @@ def unread_v2_stream(channel: grpc.Channel, count: int) -> grpc.Future:
         request_serializer=service_pb2.ModelInferRequest.SerializeToString,
         response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
     )
-    call: grpc.Future = infer((message for _ in range(count)), timeout=120)
+    call: grpc.Future = infer((message for _ in range(count)), timeout=120, wait_for_ready=True)
     return call
 
 
@@ -170,7 +171,7 @@ def test_a_connections_streams_share_one_byte_budget(
         assert wait_for(
             lambda: gauges(metrics)["edgeinfer_stream_request_bytes"] >= CONNECTION_STREAM_BYTES,
             timeout=60,
-        ), gauges(metrics)
+        ), (gauges(metrics), [(c.done(), c.done() and c.code()) for c in streams])
         # A second connection, for sure: gRPC lets channels to one address share theirs.
         with grpc.insecure_channel(
             f"127.0.0.1:{tcp}", options=[("grpc.use_local_subchannel_pool", 1)]
