@@ -127,7 +127,8 @@ class Batcher:
 
     Thread boundaries: the event loop appends to ``_queue`` and owns every
     future; workers take from ``_queue`` under ``_lock`` and report back only
-    through ``loop.call_soon_threadsafe``, once per forward pass.
+    through ``loop.call_soon_threadsafe``, once per forward pass. An inline
+    pass runs on the loop inside ``enqueue`` and resolves its future there.
     """
 
     def __init__(self, config: ModelConfig, run: RunBatch, cost: PassCost | None = None) -> None:

@@ -130,20 +130,38 @@ class Runner:
         for spec, array in zip(self.config.outputs, outputs, strict=True):
             check_output(self.config, spec, array, batch)
         if self.config.inline_max_us > 0:
-            large = (self.config.max_batch_size,) if self.config.batched else ()
-            self.pass_times = (self._time_pass(batch), self._time_pass(large))
+            self.pass_times = self._inline_pass_times(batch)
 
-    def _time_pass(self, batch: tuple[int, ...], repeats: int = 7) -> tuple[int, float]:
+    def _inline_pass_times(
+        self, batch: tuple[int, ...]
+    ) -> tuple[tuple[int, float], tuple[int, float]] | None:
+        """The one-row and full-batch pass times, or None when even one row is over
+        ``inline_max_us`` (the model never runs inline; a slow model's load is not
+        made longer by timing its full batch)."""
+        budget = self.config.inline_max_us / 1e6
+        small = self._time_pass(batch, over=budget)
+        if small[1] > budget:
+            return None
+        if not self.config.batched:
+            return small, small
+        return small, self._time_pass((self.config.max_batch_size,))
+
+    def _time_pass(
+        self, batch: tuple[int, ...], repeats: int = 7, over: float = float("inf")
+    ) -> tuple[int, float]:
         """Input elements and the median seconds of ``repeats`` passes of that size
-        (on the clock the batcher times passes with)."""
+        (on the clock the batcher times passes with); it stops as soon as most
+        passes took longer than ``over``, since the median is then over it too."""
         inputs = [example_input(spec, batch) for spec in self.config.inputs]
         clock = pass_clock(self.config.threads)
-        times = []
+        times: list[float] = []
         for _ in range(repeats):
             started = clock()
             self.run(inputs)
             times.append(clock() - started)
-        return sum(int(a.size) for a in inputs), sorted(times)[repeats // 2]
+            if sum(t > over for t in times) > repeats // 2:
+                break
+        return sum(int(a.size) for a in inputs), sorted(times)[len(times) // 2]
 
 
 def _is_input_guard(error: Exception) -> bool:
