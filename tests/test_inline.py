@@ -8,6 +8,7 @@ beyond "a tiny MLP takes less than its budget and an 800x800 matrix chain more".
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeinferd.batching import Batcher, PassCost
+from edgeinferd.batching import Batcher, PassCost, QueuedCall
 from edgeinferd.repository import ModelConfig, TensorSpec
 from tests import models
 from tests.conftest import Daemon, StartDaemon, daemon_config, short_tmpdir
@@ -203,6 +204,35 @@ def test_after_a_pass_with_company_calls_queue_until_one_runs_alone() -> None:
         await idle_loop()
         again = batcher.enqueue([x])
         assert again.future.done()
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_descriptor_ready_on_the_loop_sends_the_call_to_a_worker() -> None:
+    """No callback is waiting, but a socket the loop watches has data (as gRPC's wake-up
+    socket has when requests arrive): the call is queued for a worker, not run inline."""
+
+    async def main() -> None:
+        batcher = tiny_batcher(lambda inputs: [inputs[0] * 2])
+        x = np.ones((1, 1), np.float32)
+        loop = asyncio.get_running_loop()
+        watched, writer = socket.socketpair()
+        queued: asyncio.Future[QueuedCall] = loop.create_future()
+
+        def on_readable() -> None:  # the only callback running; its data still unread
+            queued.set_result(batcher.enqueue([x]))
+            loop.remove_reader(watched)
+
+        await idle_loop()
+        loop.add_reader(watched, on_readable)
+        writer.send(b"x")
+        call = await queued
+        assert not call.future.done()
+        await call.future
+        assert batcher.inline_passes == 0
+        watched.close()
+        writer.close()
         await batcher.close()
 
     asyncio.run(main())
