@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeinferd.batching import Batcher, PassCost, QueuedCall
+from edgeinferd.batching import Batcher, PassCost, QueuedCall, _loop_has_ready_work
 from edgeinferd.repository import ModelConfig, TensorSpec
 from tests import models
 from tests.conftest import Daemon, StartDaemon, daemon_config, short_tmpdir
@@ -154,10 +154,7 @@ def test_a_call_with_work_ahead_of_it_waits_its_turn_in_the_queue() -> None:
         await asyncio.gather(first.future, second.future)
         assert batcher.inline_passes == 0
         assert loop_thread not in threads
-        for _ in range(100):  # let the loop run what the deliveries scheduled
-            if not loop._ready:  # type: ignore[attr-defined]
-                break
-            await asyncio.sleep(0)
+        await idle_loop()  # let the loop run what the deliveries scheduled
         third = batcher.enqueue([x])
         assert third.future.done()  # answered before enqueue returned: inline
         np.testing.assert_array_equal(third.future.result().outputs[0], x * 2)
@@ -177,10 +174,11 @@ def tiny_batcher(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]]) -> Bat
 
 
 async def idle_loop() -> None:
-    """Let the loop run what is ready (deliveries, wake-ups) until nothing is."""
+    """Let the loop run what is ready (deliveries, wake-ups) until nothing is, by the
+    batcher's own test of an idle loop."""
     loop = asyncio.get_running_loop()
     for _ in range(100):
-        if not loop._ready:  # type: ignore[attr-defined]
+        if not _loop_has_ready_work(loop):
             return
         await asyncio.sleep(0)
 
