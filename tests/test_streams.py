@@ -20,7 +20,7 @@ import numpy as np
 import edgeinfer
 from edgeinfer.client import build_request
 from edgeinfer.v1 import inference_pb2_grpc
-from edgeinferd.budgets import CONNECTION_STREAM_BYTES
+from edgeinferd.budgets import CONNECTION_STREAM_BYTES, LOCAL_STREAM_BYTES
 from edgeinferd.protocol.streams import STREAM_PIPELINE_BYTES, answer_in_order
 from tests import models
 from tests.conftest import StartDaemon
@@ -210,3 +210,60 @@ def test_a_connections_streams_share_one_byte_budget(
     with daemon.client(timeout=30) as client:  # still serving
         a = np.arange(3, dtype=np.int64)
         assert client.predict("adder", {"a": a, "b": a})["sum"].tolist() == [0, 2, 4]
+
+
+#: Streams the Unix-socket test leaves unread: their per-stream bounds alone would
+#: hold more than the local budget.
+LOCAL_STREAMS = 6
+
+
+def test_unix_socket_streams_share_the_local_budget_and_each_keeps_moving(
+    start_daemon: StartDaemon, tmp_path: Path
+) -> None:
+    """Six streams on the Unix socket, answers unread, hold the local budget (plus at most
+    one message each), not six times the per-stream bound. With the budget full, a
+    seventh stream on its own connection, read by its caller, still has every message
+    answered, one at a time; the bookkeeping empties when they end."""
+    repo = tmp_path / "repo"
+    models.add_adder(repo)
+    metrics = free_port()
+    daemon = start_daemon(repo, f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n')
+    a = np.arange(ELEMENTS, dtype=np.int64)
+    message = build_request("adder", {"a": a, "b": a}).ByteSize()
+    bound = LOCAL_STREAM_BYTES + LOCAL_STREAMS * message
+    assert bound < LOCAL_STREAMS * STREAM_PIPELINE_BYTES  # the test can tell them apart
+    with grpc.insecure_channel(f"unix:{daemon.socket}") as stalled:
+        stub = inference_pb2_grpc.InferenceStub(stalled)
+        streams = [unread_stream(stub, OFFERED) for _ in range(LOCAL_STREAMS)]
+        assert wait_for(
+            lambda: gauges(metrics)["edgeinfer_stream_local_request_bytes"] >= LOCAL_STREAM_BYTES,
+            timeout=60,
+        ), (gauges(metrics), [(c.done(), c.done() and c.code()) for c in streams])
+        # Another local caller, on a connection of its own, reading its answers.
+        with grpc.insecure_channel(
+            f"unix:{daemon.socket}", options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as reading:
+            small = np.arange(3, dtype=np.int64)
+            requests = (build_request("adder", {"a": small, "b": small}) for _ in range(5))
+            answers = list(
+                inference_pb2_grpc.InferenceStub(reading).PredictStream(requests, timeout=60)
+            )
+        assert [answer.WhichOneof("result") for answer in answers] == ["response"] * 5
+        held = gauges(metrics)
+        for call in streams:
+            call.cancel()
+        assert wait_for(lambda: gauges(metrics)["edgeinfer_stream_connections"] == 0)
+        after = gauges(metrics)
+    figure(
+        "streams.local_budget",
+        streams=LOCAL_STREAMS,
+        message_bytes=message,
+        offered_per_stream=OFFERED * message,
+        held_on_the_unix_socket=int(held["edgeinfer_stream_local_request_bytes"]),
+        bound=bound,
+        per_stream_bounds_alone=LOCAL_STREAMS * (STREAM_PIPELINE_BYTES + message),
+        other_stream_answers=len(answers),
+        bytes_after=int(after["edgeinfer_stream_request_bytes"]),
+    )
+    assert held["edgeinfer_stream_local_request_bytes"] <= bound
+    assert after["edgeinfer_stream_request_bytes"] == 0

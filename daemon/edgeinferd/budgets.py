@@ -1,19 +1,23 @@
-"""Byte budgets shared by the streams of one connection.
+"""Byte budgets shared by streams: those of one TCP connection, and all local ones.
 
 Each stream already bounds the request bytes it holds (``STREAM_PIPELINE_BYTES``
-in ``protocol.streams``), but a caller that opens many streams on one
-connection and never reads their answers could pin that much per stream. The
-streams of one connection therefore also share one budget: a stream reads its
-next message only while its connection holds less than the budget.
+in ``protocol.streams``), but a caller that opens many streams and never reads
+their answers could pin that much per stream, without end. So streams also
+share a budget: a stream reads its next message only while its budget holds
+less than its limit, or while the stream itself holds nothing there. That
+exception keeps every stream moving, one message at a time, when others have
+filled the budget and stopped reading their answers.
 
-A connection is known by the peer address gRPC reports (``ipv4:1.2.3.4:5678``
-names one TCP connection). On the Unix socket gRPC Python reports ``unix:`` for
-every connection, which names none, so Unix-socket streams are bounded per
-stream only; sharing one budget among all local callers would let one stalled
-caller stall the others.
+A TCP connection is known by the peer address gRPC reports
+(``ipv4:1.2.3.4:5678`` names one connection), and its streams share one budget.
+On the Unix socket gRPC Python reports ``unix:`` for every connection, which
+names none, so every Unix-socket stream shares the one local budget
+(``LOCAL_STREAM_BYTES``): what all local callers' streams hold together is
+bounded, and a caller that stalls its streams costs the others their read-ahead,
+never their progress.
 
-The bookkeeping is one entry per connection with a live stream, removed when
-its last stream ends, so it grows with the streams open now, never with what
+The bookkeeping is one entry per budget with a live stream, removed when its
+last stream ends, so it grows with the streams open now, never with what
 callers sent before.
 """
 
@@ -21,28 +25,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-__all__ = ["CONNECTION_STREAM_BYTES", "ByteBudget", "ConnectionBudgets", "connection_of"]
+__all__ = [
+    "CONNECTION_STREAM_BYTES",
+    "LOCAL",
+    "LOCAL_STREAM_BYTES",
+    "ByteBudget",
+    "ConnectionBudgets",
+    "connection_of",
+]
 
-#: Request bytes the streams of one connection hold at once (two streams' worth).
+#: Request bytes the streams of one TCP connection hold at once (two streams' worth).
 CONNECTION_STREAM_BYTES = 32 << 20
+#: Request bytes all streams whose connection has no name (the Unix socket's) hold at once.
+LOCAL_STREAM_BYTES = 64 << 20
+#: The key of the budget shared by every stream whose peer names no connection.
+LOCAL = "local"
 
 
-def connection_of(peer: str) -> str | None:
-    """The key of the connection a call came on, or None where the peer names none."""
+def connection_of(peer: str) -> str:
+    """The key of the budget a call's streams share: its TCP connection, or ``LOCAL``."""
     if peer.startswith(("ipv4:", "ipv6:")):
         return peer
-    return None
+    return LOCAL
 
 
 class ByteBudget:
-    """Bytes held by one connection's streams, and the streams waiting for room.
+    """Bytes held by the streams sharing a budget, and the streams waiting for room.
 
     Taking never waits (the message is already read and must be counted);
-    a stream waits for room before it reads the next one. So a connection holds
-    at most its limit plus the one message each of its streams read while
-    there was room.
+    a stream waits for room before it reads the next one, unless it holds
+    nothing itself. So the streams hold at most the limit plus one message each.
     """
 
     def __init__(self, limit: int) -> None:
@@ -59,15 +73,16 @@ class ByteBudget:
         self.held += nbytes
 
     def release(self, nbytes: int) -> None:
+        """Give bytes back; every waiting stream looks again (room, or its own bytes gone)."""
         self.held -= nbytes
-        if self.has_room():
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
-    async def wait_for_room(self) -> None:
-        while not self.has_room():
+    async def wait_for_room(self, holds_nothing: Callable[[], bool]) -> None:
+        """Return once there is room, or once the waiting stream holds nothing here."""
+        while not (self.has_room() or holds_nothing()):
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -78,21 +93,22 @@ class ByteBudget:
 
 
 class ConnectionBudgets:
-    """One ``ByteBudget`` per connection with a live stream."""
+    """One ``ByteBudget`` per TCP connection with a live stream, and the local one."""
 
-    def __init__(self, limit: int = CONNECTION_STREAM_BYTES) -> None:
+    def __init__(
+        self, limit: int = CONNECTION_STREAM_BYTES, local_limit: int = LOCAL_STREAM_BYTES
+    ) -> None:
         self.limit = limit
+        self.local_limit = local_limit
         self._budgets: dict[str, ByteBudget] = {}
 
     @contextlib.contextmanager
-    def stream(self, connection: str | None) -> Iterator[ByteBudget | None]:
-        """The budget a stream on ``connection`` shares (None: no shared budget) while open."""
-        if connection is None:
-            yield None
-            return
+    def stream(self, connection: str) -> Iterator[ByteBudget]:
+        """The budget a stream on ``connection`` (``connection_of``) shares while open."""
         budget = self._budgets.get(connection)
         if budget is None:
-            budget = self._budgets[connection] = ByteBudget(self.limit)
+            limit = self.local_limit if connection == LOCAL else self.limit
+            budget = self._budgets[connection] = ByteBudget(limit)
         budget.streams += 1
         try:
             yield budget
@@ -103,15 +119,21 @@ class ConnectionBudgets:
 
     @property
     def connections(self) -> int:
-        """Connections with a stream open now (entries kept)."""
+        """Budgets with a stream open now (entries kept; the local one counts as one)."""
         return len(self._budgets)
 
     @property
     def held(self) -> int:
-        """Request bytes held by the streams of every connection."""
+        """Request bytes held by every stream."""
         return sum(budget.held for budget in list(self._budgets.values()))
 
     @property
     def most_held(self) -> int:
-        """Request bytes held by the streams of the connection that holds the most."""
+        """Request bytes held by the streams of the budget that holds the most."""
         return max((budget.held for budget in list(self._budgets.values())), default=0)
+
+    @property
+    def local_held(self) -> int:
+        """Request bytes held by the streams of the local budget (the Unix socket's)."""
+        local = self._budgets.get(LOCAL)
+        return 0 if local is None else local.held

@@ -188,17 +188,24 @@ class PrometheusCollector:
         if budgets is not None:
             yield GaugeMetricFamily(
                 "edgeinfer_stream_request_bytes",
-                "Request bytes held by streams with a per-connection budget (TCP), all together.",
+                "Request bytes held by every stream, all together.",
                 value=budgets.held,
             )
             yield GaugeMetricFamily(
+                "edgeinfer_stream_local_request_bytes",
+                "Request bytes held by the streams on the Unix socket, which share one budget.",
+                value=budgets.local_held,
+            )
+            yield GaugeMetricFamily(
                 "edgeinfer_stream_connection_request_bytes_max",
-                "Request bytes held by the streams of the connection holding the most.",
+                "Request bytes held by the streams of the budget holding the most "
+                "(a TCP connection's, or the Unix socket's).",
                 value=budgets.most_held,
             )
             yield GaugeMetricFamily(
                 "edgeinfer_stream_connections",
-                "Connections with a stream open now (entries of the per-connection budgets).",
+                "Stream budgets in use now: a TCP connection with a stream open is one, "
+                "all Unix-socket streams together one.",
                 value=budgets.connections,
             )
 

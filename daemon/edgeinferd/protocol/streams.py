@@ -58,9 +58,10 @@ async def answer_in_order(
     iterator (the caller went away) stops the reader and hands every message
     started but not finished to ``abandon``, so nothing is left running.
     With ``size``, messages also wait until their bytes fit ``max_bytes`` (or
-    nothing else is in flight). With ``shared`` too (the budget of the
-    stream's connection, ``edgeinferd.budgets``), the next message is read only
-    while that budget has room, and its bytes count there until answered.
+    nothing else is in flight). With ``shared`` too (the budget the stream
+    shares with others, ``edgeinferd.budgets``), the next message is read only
+    while that budget has room or this stream holds nothing in it, and its
+    bytes count there until answered.
     """
     slots = asyncio.Semaphore(depth)
     room = asyncio.Condition()
@@ -73,13 +74,16 @@ async def answer_in_order(
     def fits(nbytes: int) -> bool:
         return held == 0 or held + nbytes <= max_bytes
 
+    def holds_nothing_shared() -> bool:
+        return shared_held == 0
+
     async def read() -> None:
         nonlocal held, shared_held
         try:
             messages = aiter(requests)
             while True:
                 if shared is not None:
-                    await shared.wait_for_room()
+                    await shared.wait_for_room(holds_nothing_shared)
                 try:
                     message = await anext(messages)
                 except StopAsyncIteration:
