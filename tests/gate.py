@@ -56,13 +56,20 @@ def _wait_for_gate(x: torch.Tensor, path: str) -> torch.Tensor:
 
 _library.impl("gate", _wait_for_gate, "CPU")
 
-LAUNCHER = f"""
+
+def launcher_text(source_root: str) -> str:
+    """A script starting edgeinferd with the operator registered, ``tests`` found in
+    ``source_root`` (this checkout, or where a container sees it)."""
+    return f"""
 import sys
-sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+sys.path.insert(0, {source_root!r})
 import tests.gate  # registers {NAMESPACE}::gate before any model is loaded
 from edgeinferd import cli
 sys.exit(cli.main(sys.argv[1:]))
 """
+
+
+LAUNCHER = launcher_text(str(Path(__file__).resolve().parent.parent))
 
 
 class Gate:

@@ -57,19 +57,6 @@ def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def settle(pid: int, seconds: float = 3.0) -> tuple[int, int]:
-    """Wait until the thread count stops changing (or ``seconds``); (threads, RSS KiB)."""
-    deadline = time.monotonic() + seconds
-    last = thread_count(pid)
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        now = thread_count(pid)
-        if now == last:
-            break
-        last = now
-    return thread_count(pid), rss_kib(pid)
-
-
 def code_of(value: int) -> grpc.StatusCode:
     return next(c for c in grpc.StatusCode if c.value[0] == value)
 

@@ -26,7 +26,9 @@ from tests.reliability_helpers import (
     health_status,
     raw_stream,
     raw_unary,
-    settle,
+    rss_kib,
+    thread_count,
+    wait_for,
 )
 
 LIMIT = 1024 * 1024
@@ -171,7 +173,7 @@ def test_raw_http2_garbage_leaves_the_daemon_serving(small_limit_daemon: Daemon)
         client.predict("mlp", {"x": X})
         for data in GARBAGE.values():  # once to warm up whatever is allocated lazily
             send_raw(daemon.socket, data)
-        threads_before, rss_before = settle(pid)
+        threads_before, rss_before = thread_count(pid), rss_kib(pid)
         rounds = 20
         for _ in range(rounds):
             for data in GARBAGE.values():
@@ -184,7 +186,12 @@ def test_raw_http2_garbage_leaves_the_daemon_serving(small_limit_daemon: Daemon)
         assert client.predict("mlp", {"x": X})["y"].shape == (2, 4)
         for sock in idle:
             sock.close()
-        threads_after, rss_after = settle(pid)
+        # Whatever the connections started must go again: waited for, not timed.
+        assert wait_for(lambda: thread_count(pid) <= threads_before, timeout=60), (
+            thread_count(pid),
+            threads_before,
+        )
+        threads_after, rss_after = thread_count(pid), rss_kib(pid)
         assert client.health() == "SERVING"
         assert client.predict("mlp", {"x": X})["y"].shape == (2, 4)
     figure(
@@ -197,7 +204,6 @@ def test_raw_http2_garbage_leaves_the_daemon_serving(small_limit_daemon: Daemon)
         rss_before_kib=rss_before,
         rss_after_kib=rss_after,
     )
-    assert threads_after <= threads_before
     assert rss_after - rss_before < RSS_BOUND_KIB
 
 

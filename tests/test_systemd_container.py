@@ -34,6 +34,7 @@ import edgeinfer
 from edgeinferd.compress.quantize import quantize_static
 from tests import models, nspawn
 from tests.conftest import short_tmpdir
+from tests.gate import Gate, launcher_text
 
 UNIT = "edgeinferd.service"
 SRC = "/srv/edgeinfer/src"
@@ -43,9 +44,6 @@ REPOSITORY = "/var/lib/edgeinfer/models"
 DROP_IN = "/etc/systemd/system/edgeinferd.service.d/test.conf"
 VENV_PYTHON = "/opt/edgeinfer/venv/bin/python"
 MODELS = ["conv", "conv-int8", "mlp", "picky", "slow"]
-# Rounds of the slow model: a call that is still running when systemd stops the daemon
-# (the test checks that it was), and well within the grace period it sets.
-SLOW_ROUNDS = 1500
 
 
 class Conv(nn.Module):
@@ -517,52 +515,110 @@ def test_watchdog_restarts_a_stopped_daemon(machine: Machine) -> None:
         assert client.predict("mlp", {"x": np.zeros((1, 16), np.float32)})["y"].shape == (1, 4)
 
 
+class Held(nn.Module):
+    """Returns its input; for ``x > 0`` only once the test opens a gate (``tests.gate``), so
+    a call is in flight for as long as the test says. (Warm-up passes are zeros.)"""
+
+    def __init__(self, gate: str) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x[0, 0] > 0):
+            x = torch.ops.edgeinfer_test.gate(x, self.gate)
+        return x
+
+
+#: Two instances: both calls are in a forward pass at once. Never on the event loop.
+HELD_CONFIG = f"""
+max_batch_size = 1
+[instances]
+count = 2
+{models.NEVER_INLINE}[[inputs]]
+name = "x"
+dtype = "float32"
+shape = [1]
+[[outputs]]
+name = "y"
+dtype = "float32"
+shape = [1]
+"""
+
+
 def test_stop_lets_calls_in_flight_finish_and_removes_the_socket(machine: Machine) -> None:
-    """`systemctl stop` with two slow calls in flight: both answer after the daemon began
-    shutting down, the daemon exits 0 and its socket is gone (with
-    RuntimeDirectoryPreserve=yes in a drop-in, so that systemd's own clean-up of
-    /run/edgeinfer cannot hide a socket the daemon process left behind). The grace period
-    is raised to 25 s through a reload, so a slow machine cannot outlast it."""
-    machine.ensure_running()
+    """`systemctl stop` with two calls held in their forward passes by a gate: the gate
+    opens only once the daemon has logged the SIGTERM, then both answer, the daemon exits 0
+    and its socket is gone (with RuntimeDirectoryPreserve=yes in a drop-in, so that
+    systemd's own clean-up of /run/edgeinfer cannot hide a socket the daemon process left
+    behind). For the gate's operator the unit starts through ``tests.gate``'s launcher (a
+    drop-in replacing ExecStart); everything else is the installed unit. The grace period
+    is raised to 25 s in the configuration."""
+    gate_dir = "/var/lib/edgeinfer/test-gate"
+    host_gate = machine.container.path(gate_dir)
+    host_gate.mkdir(mode=0o755, exist_ok=True)
+    gate = Gate(host_gate)
+    (host_gate / "launch.py").write_text(launcher_text(SRC))
+    held = machine.container.path(f"{REPOSITORY}/held")
+    folder = models.write_model(held.parent, "held", HELD_CONFIG)
+    torch.jit.script(Held(f"{gate_dir}/{gate.path.name}")).save(str(folder / "model.pt"))
+    machine.container.run("chown", "-R", "root:edgeinfer", str(REPOSITORY + "/held"))
+    machine.container.run("chmod", "-R", "u=rwX,g=rX,o=", str(REPOSITORY + "/held"))
     config = machine.container.path(CONFIG)
     config.write_text(machine.default_config.replace("grace_period_s = 10", "grace_period_s = 25"))
-    machine.systemctl("reload", UNIT)
-    machine.drop_in("[Service]\nRuntimeDirectoryPreserve=yes\n")
+    machine.drop_in(
+        "[Service]\nRuntimeDirectoryPreserve=yes\nExecStart=\n"
+        f"ExecStart={VENV_PYTHON} {gate_dir}/launch.py --config {CONFIG}\n"
+    )
     answers: list[tuple[int, object]] = []
-    x = np.full((1, 1), SLOW_ROUNDS, np.float32)
-    with machine.client() as client:
+    x = np.full((1, 1), 7, np.float32)
+    try:
+        machine.systemctl("restart", UNIT)
+        with machine.client() as client:
 
-        def call() -> None:
-            try:
-                y: object = client.predict("slow", {"x": x}, timeout=60)["y"]
-            except edgeinfer.EdgeInferError as error:
-                y = error
-            answers.append((time.monotonic_ns() // 1000, y))
+            def call() -> None:
+                try:
+                    y: object = client.predict("held", {"x": x}, timeout=120)["y"]
+                except edgeinfer.EdgeInferError as error:
+                    y = error
+                answers.append((time.monotonic_ns() // 1000, y))
 
-        callers = [threading.Thread(target=call) for _ in range(2)]
-        for thread in callers:
-            thread.start()
-        deadline = time.monotonic() + 60
-        while client.get_stats().in_flight < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        try:
+            callers = [threading.Thread(target=call) for _ in range(2)]
+            for thread in callers:
+                thread.start()
+            deadline = time.monotonic() + 60
+            while client.get_stats().in_flight < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert client.get_stats().in_flight == 2
             invocation = machine.show("InvocationID")["InvocationID"]
-            machine.systemctl("stop", UNIT)
+            machine.systemctl("stop", "--no-block", UNIT)
+            # The gate opens only once the daemon has begun to shut down.
+            signalled = machine.wait_for_entries(
+                f"_SYSTEMD_INVOCATION_ID={invocation}", "SIGNAL=SIGTERM"
+            )
+            assert signalled, "the daemon never logged the SIGTERM"
+            gate.open()
             for thread in callers:
                 thread.join(60)
-            state = machine.show("ActiveState", "Result", "ExecMainStatus")
-            socket_left = machine.container.path(SOCKET).exists()
-        finally:
-            config.write_text(machine.default_config)
-            machine.drop_in(None)
-    assert [np.asarray(y).tolist() for _, y in answers] == [[[SLOW_ROUNDS]]] * 2, answers
+        state = machine.wait_for(
+            "the unit stopped",
+            lambda seen: seen["ActiveState"] in ("inactive", "failed"),
+            "ActiveState",
+            "Result",
+            "ExecMainStatus",
+        )
+        socket_left = machine.container.path(SOCKET).exists()
+    finally:
+        gate.open()  # nothing may stay held, whatever failed
+        config.write_text(machine.default_config)
+        machine.drop_in(None)
+        shutil.rmtree(held, ignore_errors=True)
+    assert [np.asarray(y).tolist() for _, y in answers] == [[[7.0]]] * 2, answers
     assert state == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
     assert not socket_left
     entries = machine.daemon_entries(f"_SYSTEMD_INVOCATION_ID={invocation}")
     (shutdown,) = [e for e in entries if e.get("SIGNAL") == "SIGTERM"]
     assert shutdown["GRACE_S"] == "25.0"
-    # Both calls were still running when the daemon began to shut down (same clock).
+    # Both calls answered after the daemon began to shut down (same clock).
     assert all(ended > int(shutdown["__MONOTONIC_TIMESTAMP"]) for ended, _ in answers)
     assert entries[-1]["MESSAGE"] == "stopped", [e["MESSAGE"] for e in entries[-5:]]
 
