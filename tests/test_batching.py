@@ -138,17 +138,6 @@ def test_v1_and_v2_calls_share_one_queue(start_daemon: StartDaemon, tmp_path: Pa
     assert forward_passes(daemon) == (1, 4)
 
 
-def test_calls_that_would_overfill_a_batch_run_in_the_next(
-    start_daemon: StartDaemon, tmp_path: Path
-) -> None:
-    """Three two-row calls with max_batch_size 4: one pass of four rows, then one of two."""
-    daemon = mlp_daemon(start_daemon, tmp_path, f"max_queue_delay_us = 200000\n{FIXED}")
-    rng = np.random.default_rng(1)
-    inputs = [rng.standard_normal((2, 16), dtype=np.float32) for _ in range(3)]
-    call_together(daemon, inputs)
-    assert forward_passes(daemon) == (2, 6)
-
-
 def test_adaptive_delay_makes_a_lone_caller_wait_for_no_one(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
@@ -280,6 +269,38 @@ def test_calls_differing_in_a_variable_dimension_never_share_a_pass(gated: Gated
         np.testing.assert_array_equal(y, 2 * x)
     # The blocker alone, then one pass per length with both of its calls.
     assert passes_since(gated.daemon, "variable", before) == (3, 5)
+
+
+def test_calls_that_would_overfill_a_batch_run_in_the_next(gated: Gated) -> None:
+    """A three-row and a two-row call with max_batch_size 4, queued behind a held pass:
+    five rows do not fit one pass, so they run in two, each call answered with its own rows."""
+    gated.gate.close()
+    before = forward_passes(gated.daemon, "variable")
+    inputs = [np.full((rows, 2), rows, np.float32) for rows in (3, 2)]
+
+    async def main() -> list[np.ndarray]:
+        async with edgeinfer.AsyncClient(gated.daemon.address, timeout=60) as client:
+            blocker = asyncio.ensure_future(
+                client.predict("variable", {"x": -np.ones((1, 2), np.float32)})
+            )
+            with gated.daemon.client(timeout=10) as sync:
+                assert await asyncio.to_thread(
+                    wait_for, lambda: model_state(sync, "variable") == (0, 1)
+                )
+                calls = [
+                    asyncio.ensure_future(client.predict("variable", {"x": x})) for x in inputs
+                ]
+                assert await asyncio.to_thread(
+                    wait_for, lambda: model_state(sync, "variable") == (2, 3)
+                )
+            gated.gate.open()
+            await blocker
+            return [answer["y"] for answer in await asyncio.gather(*calls)]
+
+    for x, y in zip(inputs, asyncio.run(main()), strict=True):
+        np.testing.assert_array_equal(y, 2 * x)
+    # The blocker (1 row), then 3 rows, then 2.
+    assert passes_since(gated.daemon, "variable", before) == (3, 6)
 
 
 def test_no_queue_delay_answers_a_lone_call_that_no_other_joins(gated: Gated) -> None:

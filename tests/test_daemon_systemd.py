@@ -15,6 +15,9 @@ from tests.conftest import StartDaemon, short_tmpdir
 from tests.gate import Gate, write_launcher
 from tests.reliability_helpers import add_counter
 
+#: The watchdog interval the stuck-pass test gives the daemon (WATCHDOG_USEC), in µs.
+WATCHDOG_USEC = 2_000_000
+
 
 class FakeManager:
     """A bound AF_UNIX datagram socket, as systemd's NOTIFY_SOCKET is; records arrivals."""
@@ -64,19 +67,15 @@ def test_ready_reload_and_stopping_messages(start_daemon: StartDaemon, tmp_path:
     models.add_mlp(repo)
     manager = FakeManager()
     daemon = start_daemon(repo, wait=False, env={"NOTIFY_SOCKET": str(manager.path)})
-    first_connectable = None
     ready_at = None
     deadline = time.monotonic() + 60
     while ready_at is None and time.monotonic() < deadline:
-        if first_connectable is None and connectable(daemon.socket):
-            first_connectable = time.monotonic()
         manager.poll()
         ready_at = next((t for t, f in manager.messages if f.get("READY") == "1"), None)
     assert ready_at is not None, manager.messages
+    # Checked the moment READY is seen (the daemon never unbinds): a daemon that sent
+    # READY before binding its socket would be caught here with nothing to connect to.
     assert connectable(daemon.socket)
-    # Nothing arrived before READY that claims readiness, and the socket was
-    # connectable no later than READY arrived (the probe runs every ~10 ms).
-    assert first_connectable is None or first_connectable <= ready_at + 0.05
     ready_fields = next(f for _, f in manager.messages if f.get("READY") == "1")
     assert "mlp" in ready_fields["STATUS"]
 
@@ -103,15 +102,20 @@ def test_ready_reload_and_stopping_messages(start_daemon: StartDaemon, tmp_path:
 def test_watchdog_pings_while_a_forward_pass_is_stuck(
     start_daemon: StartDaemon, tmp_path: Path
 ) -> None:
-    """With WATCHDOG_USEC set, WATCHDOG=1 keeps arriving at about half the interval
-    even while a forward pass, held at a gate, occupies a worker thread."""
+    """With WATCHDOG_USEC set, WATCHDOG=1 keeps arriving, never further apart than the
+    interval (what systemd enforces), while a forward pass held at a gate occupies a
+    worker thread."""
     repo = tmp_path / "repo"
     gate = Gate(tmp_path / "gate")
     add_counter(repo, gate)
     manager = FakeManager()
     daemon = start_daemon(
         repo,
-        env={"NOTIFY_SOCKET": str(manager.path), "WATCHDOG_USEC": "400000", "WATCHDOG_PID": ""},
+        env={
+            "NOTIFY_SOCKET": str(manager.path),
+            "WATCHDOG_USEC": str(WATCHDOG_USEC),
+            "WATCHDOG_PID": "",
+        },
         launcher=write_launcher(tmp_path),
     )
     client = daemon.client(timeout=60)
@@ -139,7 +143,8 @@ def test_watchdog_pings_while_a_forward_pass_is_stuck(
     finally:
         gate.open()
     assert len(pings) >= 4, pings
+    # The contract systemd enforces: no gap as long as WatchdogSec (the daemon pings at half).
     gaps = np.diff(pings)
-    assert gaps.max() < 0.6
+    assert gaps.max() < WATCHDOG_USEC / 1e6, gaps
     thread.join(120)
     client.close()

@@ -291,7 +291,9 @@ def test_pings_stop_while_the_event_loop_is_blocked(manager: FakeManager) -> Non
     during: list[int] = []
 
     def watch() -> None:
-        assert blocking.wait(30)
+        # No assert here: one in this thread could not fail the test. The event is set
+        # right after this thread starts; what it sees is checked below, through ``during``.
+        blocking.wait()
         manager.wait_for_pings(notifier.sent)  # nothing sent before the block is in transit
         before = len(manager.ping_times())
         time.sleep(BLOCKED_INTERVALS * interval)

@@ -322,15 +322,16 @@ def test_model_names_cannot_leave_the_repository(start_daemon: StartDaemon, tmp_
                 ),
                 "V2 RepositoryModelLoad": attempt(v2("RepositoryModelLoad", load)),
             }
-            # Unloading what is not loaded is harmless; afterwards nothing may be READY.
-            unload = attempt(lambda n=name: client.unload_model(n))
+            # Right after the load attempts, before any unload could hide one that worked:
+            # the model's own state (or the refusal's code), never READY.
             try:
                 model_state = client.get_model(name).state
                 state = "OK"
             except edgeinfer.EdgeInferError as error:
                 model_state, state = error.code.name, error.code.name
+            # Unloading what is not loaded is harmless.
+            unload = attempt(lambda n=name: client.unload_model(n))
             assert "OK" not in refused.values(), (name, refused)
-            # The model's own state (or the refusal's code): never READY.
             assert model_state != "READY", (name, model_state)
             codes.update(refused.values())
             others.update([f"unload {unload}", f"get_model {state}"])

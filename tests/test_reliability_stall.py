@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -58,6 +59,7 @@ print(json.dumps({"calls": calls, "errors": errors}), flush=True)
 
 PREDICT = "/edgeinfer.v1.Inference/Predict"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+GENERATE = "/edgeinfer.v1.Inference/Generate"
 #: Oversized requests of each kind, sent one after another.
 REPEATS = 3
 
@@ -196,25 +198,52 @@ def test_empty_tensors_filling_16_mib_are_refused_while_another_caller_is_served
     report("stall.empty_tensors", observed, windows, base)
 
 
+def raw_generate(channel: grpc.Channel, request: Any) -> Callable[[edgeinfer.Client], None]:
+    """A sender of ``request``'s bytes, serialized once here, on a raw Generate stream."""
+    data = request.SerializeToString()
+    generate = channel.unary_stream(GENERATE, request_serializer=None, response_deserializer=None)
+
+    def send(client: edgeinfer.Client) -> None:
+        try:
+            for _ in generate(data, timeout=60):
+                pass
+        except grpc.RpcError as error:
+            raise edgeinfer.EdgeInferError.from_rpc(error) from error
+
+    return send
+
+
 def test_prompt_far_over_the_context_is_refused_while_another_caller_is_served(
     llm_daemon: Daemon,
 ) -> None:
-    """A million token ids for a 2,048-token context: refused by length, before any copy."""
+    """A million token ids for a 2,048-token context: refused by length, before any copy.
+
+    The request's bytes are built once, before the other caller starts (as below)."""
+    from edgeinfer.v1 import inference_pb2
+
     ids = [1 + i % 1000 for i in range(1_000_000)]  # in the vocabulary: only the length is wrong
-    observed, windows, base = oversized(
-        llm_daemon.address,
-        lambda client: list(client.generate("smollm2", ids, max_new_tokens=4)),
-        "the prompt is 1000000 tokens; model 'smollm2' has a context of 2048",
+    request = inference_pb2.GenerateRequest(
+        model="smollm2", tokens=inference_pb2.TokenIds(ids=ids), max_new_tokens=4
     )
+    with grpc.insecure_channel(llm_daemon.address) as channel:
+        observed, windows, base = oversized(
+            llm_daemon.address,
+            raw_generate(channel, request),
+            "the prompt is 1000000 tokens; model 'smollm2' has a context of 2048",
+        )
     report("stall.prompt_token_ids", observed, windows, base)
 
 
 def test_huge_text_prompt_is_refused_while_another_caller_is_served(llm_daemon: Daemon) -> None:
     """16 MiB of text for a 2,048-token context: refused by length before it is tokenized."""
+    from edgeinfer.v1 import inference_pb2
+
     text = "word " * ((16 << 20) // 5)
-    observed, windows, base = oversized(
-        llm_daemon.address,
-        lambda client: list(client.generate("smollm2", text, max_new_tokens=4)),
-        f"the prompt is {len(text)} characters; model 'smollm2' has a context of 2048",
-    )
+    request = inference_pb2.GenerateRequest(model="smollm2", text=text, max_new_tokens=4)
+    with grpc.insecure_channel(llm_daemon.address) as channel:
+        observed, windows, base = oversized(
+            llm_daemon.address,
+            raw_generate(channel, request),
+            f"the prompt is {len(text)} characters; model 'smollm2' has a context of 2048",
+        )
     report("stall.prompt_text", observed, windows, base)
