@@ -1,0 +1,148 @@
+"""The daemon's own Python per call, without gRPC: what the inline server does not pay.
+
+One event loop, the benchmark MLP (``serve_bench``), batch 1, one call at a
+time. Side by side in one run, alternating rounds:
+
+- ``pass only``: the TorchScript module called on a tensor (what every server pays);
+- ``inline server``: parse a KServe V2 request, run the module, build the answer
+  (``benchmarks/inline_server.py``'s per-call work, without its gRPC);
+- ``edgeinfer``: the same bytes through the daemon's KServe V2 adapter and data
+  plane (parse, decode, validate, batcher, run inline, metrics, encode), as
+  ``ModelInfer`` does once gRPC has handed it a request.
+
+Prints microseconds per call (median of rounds) and, with ``--profile``, the
+daemon path's cProfile by own time. Usage::
+
+    python benchmarks/call_overhead.py [--calls 3000] [--rounds 5] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve_bench as sb
+
+from edgeinfer.kserve.v2 import grpc_service_pb2 as pb
+from edgeinferd.dataplane import DataPlane
+from edgeinferd.logs import configure_logging
+from edgeinferd.models import ModelManager
+from edgeinferd.protocol.kserve import GRPCInferenceServicer
+from edgeinferd.repository import Repository
+
+#: The benchmark MLP's input width (serve_bench.MLP_CONFIG).
+FEATURES = 1000
+
+
+def request_bytes() -> bytes:
+    x = np.random.default_rng(0).standard_normal((1, FEATURES), dtype=np.float32)
+    message = pb.ModelInferRequest(model_name="mlp")
+    message.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    message.raw_input_contents.append(x.tobytes())
+    return message.SerializeToString()
+
+
+class Context:
+    """What the adapter asks of a grpc.aio context on this path."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def peer(self) -> str:
+        return "unix:"
+
+
+async def main(calls: int, rounds: int, profile: bool) -> None:
+    torch.set_num_threads(1)
+    configure_logging("info", "json", io.StringIO())  # as the daemon runs by default
+    work = Path(tempfile.mkdtemp())
+    sb.build_repository(work / "repo")
+    executor = ThreadPoolExecutor(2)
+    models = ModelManager(Repository(work / "repo"), executor, lambda entry: None)
+    await models.load_all()
+    servicer = GRPCInferenceServicer(DataPlane(models))
+    module = torch.jit.load(str(work / "repo" / "mlp" / "1" / "model.pt")).eval()
+    data = request_bytes()
+    context: Any = Context()
+
+    def pass_only() -> None:
+        x = torch.from_numpy(np.ones((1, FEATURES), np.float32))
+        with torch.inference_mode():
+            module(x)
+
+    def inline() -> None:
+        message = pb.ModelInferRequest.FromString(data)
+        x = np.frombuffer(message.raw_input_contents[0], np.float32).reshape(
+            tuple(message.inputs[0].shape)
+        )
+        with torch.inference_mode():
+            y = module(torch.from_numpy(x)).numpy()
+        answer = pb.ModelInferResponse(model_name=message.model_name, id=message.id)
+        answer.outputs.add(name="y", datatype="FP32", shape=list(y.shape))
+        answer.raw_output_contents.append(y.tobytes())
+        answer.SerializeToString()
+
+    async def daemon() -> None:
+        message = pb.ModelInferRequest.FromString(data)
+        answer = await servicer.ModelInfer(message, context)
+        answer.SerializeToString()
+
+    async def timed(kind: str) -> float:
+        started = time.perf_counter()
+        if kind == "edgeinfer":
+            for _ in range(calls):
+                await daemon()
+        else:
+            step = pass_only if kind == "pass only" else inline
+            for _ in range(calls):
+                step()
+        return (time.perf_counter() - started) / calls * 1e6
+
+    kinds = ["pass only", "inline server", "edgeinfer"]
+    for kind in kinds:  # warm up
+        await timed(kind)
+    results: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for index in range(rounds):
+        order = kinds if index % 2 == 0 else kinds[::-1]
+        for kind in order:
+            results[kind].append(await timed(kind))
+    medians = {kind: statistics.median(values) for kind, values in results.items()}
+    print(f"{calls} calls x {rounds} rounds, batch 1, one call at a time (us per call, median):")
+    for kind in kinds:
+        spread = f"{min(results[kind]):.1f}-{max(results[kind]):.1f}"
+        print(f"  {kind:14s} {medians[kind]:8.1f}   ({spread})")
+    above = medians["edgeinfer"] - medians["inline server"]
+    print(f"  edgeinfer above the inline server: {above:.1f}")
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            await daemon()
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+        print(out.getvalue())
+    executor.shutdown()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(main(args.calls, args.rounds, args.profile))
