@@ -389,21 +389,27 @@ class Caller(threading.Thread):
         self.client = machine.client(timeout=30)
         self.x = x
         self.stopping = threading.Event()
-        self.answers: list[tuple[float, np.ndarray]] = []
+        #: (sent, answered, outputs) of every call.
+        self.answers: list[tuple[float, float, np.ndarray]] = []
         self.failures: list[str] = []
 
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
+                sent = time.monotonic()
                 y = self.client.predict("mlp", {"x": self.x})["y"]
-                self.answers.append((time.monotonic(), y))
+                self.answers.append((sent, time.monotonic(), y))
             except edgeinfer.EdgeInferError as error:
                 self.failures.append(str(error))
 
     def calls_after(self, moment: float) -> int:
-        return sum(1 for t, _ in self.answers if t > moment)
+        """Calls sent after ``moment`` and answered."""
+        return sum(1 for sent, _, _ in self.answers if sent > moment)
 
     def stop(self) -> None:
+        """Stop calling (a second call does nothing)."""
+        if self.stopping.is_set():
+            return
         self.stopping.set()
         self.join(60)
         self.client.close()
@@ -438,34 +444,41 @@ def test_reload_under_load_picks_up_models_and_config(machine: Machine) -> None:
             time.sleep(0.01)
         started = time.monotonic()
         machine.systemctl("reload", UNIT)
-        returned = time.monotonic()
-        while caller.calls_after(returned) < 20 and not caller.failures:
+        # `systemctl reload` may return before the daemon has finished (the HUP is sent,
+        # the reload runs on): the swap is seen in the daemon's own answer instead.
+        with machine.client() as probe:
+            assert wait_for_condition(lambda: probe.get_model("mlp").serving_version == "2")
+        swapped = time.monotonic()
+        while caller.calls_after(swapped) < 20 and not caller.failures:
             time.sleep(0.01)
+        caller.stop()
+        assert caller.failures == []
+        during = [y for _, answered, y in caller.answers if started < answered < swapped]
+        assert during, "no call completed while the reload ran"
+        before = [y for _, answered, y in caller.answers if answered < started]
+        after = [y for sent, _, y in caller.answers if sent > swapped]
+        np.testing.assert_allclose(before[0], version_1, rtol=1e-5, atol=1e-6)
+        for y in after:
+            np.testing.assert_allclose(y, version_2, rtol=1e-5, atol=1e-6)
+
+        with machine.client() as client:
+            assert client.get_model("mlp").serving_version == "2"
+            assert client.get_model("picky").max_batch_size == 4
+            client.predict("mlp", {"x": x}, request_id="after-reload")
+        deferred = machine.daemon_entries("SETTINGS=listen.unix")
+        assert [e["PRIORITY"] for e in deferred] == ["4"]
+        assert container.path(SOCKET).exists()
+        assert not container.path("/run/edgeinfer/moved.sock").exists()
+        (request,) = machine.wait_for_entries(f"_SYSTEMD_UNIT={UNIT}", "REQUEST_ID=after-reload")
+        assert (request["MODEL"], request["PRIORITY"]) == ("mlp", "7")  # debug, as configured
     finally:
         caller.stop()
-    assert caller.failures == []
-    during = [y for t, y in caller.answers if started < t < returned]
-    assert during, "no call completed while the reload ran"
-    before = [y for t, y in caller.answers if t < started]
-    after = [y for t, y in caller.answers if t > returned]
-    np.testing.assert_allclose(before[0], version_1, rtol=1e-5, atol=1e-6)
-    for y in after:
-        np.testing.assert_allclose(y, version_2, rtol=1e-5, atol=1e-6)
-
-    with machine.client() as client:
-        assert client.get_model("mlp").serving_version == "2"
-        assert client.get_model("picky").max_batch_size == 4
-        client.predict("mlp", {"x": x}, request_id="after-reload")
-    deferred = machine.daemon_entries("SETTINGS=listen.unix")
-    assert [e["PRIORITY"] for e in deferred] == ["4"]
-    assert container.path(SOCKET).exists()
-    assert not container.path("/run/edgeinfer/moved.sock").exists()
-    (request,) = machine.wait_for_entries(f"_SYSTEMD_UNIT={UNIT}", "REQUEST_ID=after-reload")
-    assert (request["MODEL"], request["PRIORITY"]) == ("mlp", "7")  # debug, as now configured
-
-    config.write_text(machine.default_config)
-    machine.systemctl("reload", UNIT)
-    restored = machine.daemon_entries("SETTING=logging.level", "NEW=info")
+        # Whatever failed, the next tests get the installed configuration back.
+        config.write_text(machine.default_config)
+        machine.systemctl("reload", UNIT, check=False)
+    restored = machine.wait_for_entries(
+        f"_SYSTEMD_UNIT={UNIT}", "SETTING=logging.level", "NEW=info"
+    )
     assert len(restored) == 1
 
 
@@ -484,9 +497,9 @@ def test_failed_call_is_in_the_journal_with_its_fields(machine: Machine) -> None
 
 
 def test_watchdog_restarts_a_stopped_daemon(machine: Machine) -> None:
-    """SIGSTOP the daemon: systemd's watchdog kills it and Restart= brings it back, within
-    WatchdogSec plus RestartSec (shortened to 3 s and 1 s in a drop-in, from 30 s and
-    5 s, to keep the test short); it then serves again."""
+    """SIGSTOP the daemon: systemd's watchdog kills it and Restart= brings it back
+    (WatchdogSec and RestartSec shortened to 3 s and 1 s in a drop-in, from 30 s and 5 s,
+    to keep the test short); the journal names the watchdog, and it then serves again."""
     machine.ensure_running()
     machine.drop_in("[Service]\nWatchdogSec=3s\nRestartSec=1s\n")
     try:
@@ -507,12 +520,24 @@ def test_watchdog_restarts_a_stopped_daemon(machine: Machine) -> None:
     assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
     elapsed_s = (int(after["ExecMainStartTimestampMonotonic"]) - stopped_at) / 1e6
     print(f"watchdog: SIGSTOP to the next start took {elapsed_s:.2f}s (limit 3s + restart 1s)")
-    assert elapsed_s < 3 + 1 + 1
+    # Not before the watchdog's limit: the restart was the watchdog's (the journal says so
+    # below). How much later is systemd's scheduling on a busy machine, printed, not asserted.
+    assert elapsed_s >= 3
     messages = [e["MESSAGE"] for e in nspawn.journal(machine.container, "-u", "edgeinferd")]
     assert any("Watchdog timeout (limit 3s)!" in m for m in messages), messages[-20:]
     assert any("Failed with result 'watchdog'" in m for m in messages), messages[-20:]
     with machine.client() as client:
         assert client.predict("mlp", {"x": np.zeros((1, 16), np.float32)})["y"].shape == (1, 4)
+
+
+def wait_for_condition(condition: Callable[[], bool], timeout: float = 120) -> bool:
+    """Poll ``condition`` until it holds (a generous deadline: only a broken daemon reaches it)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 class Held(nn.Module):
