@@ -234,22 +234,16 @@ def passes_since(daemon: Daemon, model: str, before: tuple[int, int]) -> tuple[i
     return passes - before[0], rows - before[1]
 
 
-def test_calls_differing_in_a_variable_dimension_never_share_a_pass(gated: Gated) -> None:
-    """Rows of length 3 and 5 queued in turn: the two of each length are stacked together,
-    the lengths never, and every call gets its own rows doubled.
-
-    A held pass keeps all four queued until the gate opens, so the batches formed
-    do not depend on when the calls happened to arrive.
-    """
+def behind_a_held_pass(gated: Gated, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Hold a pass of ``variable`` at the gate, queue a call per input behind it, then open
+    the gate; the answers, in order. The blocker runs alone (one row) and every call is
+    queued before any batch forms, so the batches do not depend on when calls arrived."""
     gated.gate.close()
-    before = forward_passes(gated.daemon, "variable")
-    lengths = [3, 5, 3, 5]
-    inputs = [np.full((1, n), i + 1, np.float32) for i, n in enumerate(lengths)]
 
     async def main() -> list[np.ndarray]:
         async with edgeinfer.AsyncClient(gated.daemon.address, timeout=60) as client:
             blocker = asyncio.ensure_future(
-                client.predict("variable", {"x": -np.ones((1, 4), np.float32)})
+                client.predict("variable", {"x": -np.ones((1, 1), np.float32)})
             )
             with gated.daemon.client(timeout=10) as sync:
                 assert await asyncio.to_thread(
@@ -258,14 +252,28 @@ def test_calls_differing_in_a_variable_dimension_never_share_a_pass(gated: Gated
                 calls = [
                     asyncio.ensure_future(client.predict("variable", {"x": x})) for x in inputs
                 ]
+                queued = (len(inputs), len(inputs) + 1)
                 assert await asyncio.to_thread(
-                    wait_for, lambda: model_state(sync, "variable") == (4, 5)
+                    wait_for, lambda: model_state(sync, "variable") == queued
                 )
             gated.gate.open()
             await blocker
             return [answer["y"] for answer in await asyncio.gather(*calls)]
 
-    for x, y in zip(inputs, asyncio.run(main()), strict=True):
+    return asyncio.run(main())
+
+
+def test_calls_differing_in_a_variable_dimension_never_share_a_pass(gated: Gated) -> None:
+    """Rows of length 3 and 5 queued in turn: the two of each length are stacked together,
+    the lengths never, and every call gets its own rows doubled.
+
+    A held pass keeps all four queued until the gate opens, so the batches formed
+    do not depend on when the calls happened to arrive.
+    """
+    before = forward_passes(gated.daemon, "variable")
+    lengths = [3, 5, 3, 5]
+    inputs = [np.full((1, n), i + 1, np.float32) for i, n in enumerate(lengths)]
+    for x, y in zip(inputs, behind_a_held_pass(gated, inputs), strict=True):
         np.testing.assert_array_equal(y, 2 * x)
     # The blocker alone, then one pass per length with both of its calls.
     assert passes_since(gated.daemon, "variable", before) == (3, 5)
@@ -274,30 +282,9 @@ def test_calls_differing_in_a_variable_dimension_never_share_a_pass(gated: Gated
 def test_calls_that_would_overfill_a_batch_run_in_the_next(gated: Gated) -> None:
     """A three-row and a two-row call with max_batch_size 4, queued behind a held pass:
     five rows do not fit one pass, so they run in two, each call answered with its own rows."""
-    gated.gate.close()
     before = forward_passes(gated.daemon, "variable")
     inputs = [np.full((rows, 2), rows, np.float32) for rows in (3, 2)]
-
-    async def main() -> list[np.ndarray]:
-        async with edgeinfer.AsyncClient(gated.daemon.address, timeout=60) as client:
-            blocker = asyncio.ensure_future(
-                client.predict("variable", {"x": -np.ones((1, 2), np.float32)})
-            )
-            with gated.daemon.client(timeout=10) as sync:
-                assert await asyncio.to_thread(
-                    wait_for, lambda: model_state(sync, "variable") == (0, 1)
-                )
-                calls = [
-                    asyncio.ensure_future(client.predict("variable", {"x": x})) for x in inputs
-                ]
-                assert await asyncio.to_thread(
-                    wait_for, lambda: model_state(sync, "variable") == (2, 3)
-                )
-            gated.gate.open()
-            await blocker
-            return [answer["y"] for answer in await asyncio.gather(*calls)]
-
-    for x, y in zip(inputs, asyncio.run(main()), strict=True):
+    for x, y in zip(inputs, behind_a_held_pass(gated, inputs), strict=True):
         np.testing.assert_array_equal(y, 2 * x)
     # The blocker (1 row), then 3 rows, then 2.
     assert passes_since(gated.daemon, "variable", before) == (3, 6)

@@ -136,6 +136,26 @@ def oversized(
     return observed, windows, baseline_end
 
 
+def raw_sender(
+    channel: grpc.Channel, method: str, data: bytes, streamed: bool = False
+) -> Callable[[edgeinfer.Client], None]:
+    """A sender of ``data``, serialized beforehand, to ``method`` on a raw channel (its
+    answers read to the end when ``streamed``); refusals raise as the client's would."""
+    kind = channel.unary_stream if streamed else channel.unary_unary
+    call: Any = kind(method, request_serializer=None, response_deserializer=None)
+
+    def send(client: edgeinfer.Client) -> None:
+        try:
+            answer = call(data, timeout=60)
+            if streamed:
+                for _ in answer:
+                    pass
+        except grpc.RpcError as error:
+            raise edgeinfer.EdgeInferError.from_rpc(error) from error
+
+    return send
+
+
 def report(name: str, observed: Observed, windows: list[tuple[float, float]], base: float) -> None:
     baseline = [(s, e) for s, e in observed.calls if e <= base]
     figure(
@@ -161,16 +181,10 @@ def test_many_tiny_tensors_are_refused_while_another_caller_is_served(daemon: Da
     message = build_request("mlp", {f"x{i}": np.zeros((1,), np.float32) for i in range(200_000)})
     data = message.SerializeToString()
     with grpc.insecure_channel(daemon.address) as channel:
-        predict = channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=None)
-
-        def send(client: edgeinfer.Client) -> None:
-            try:
-                predict(data, timeout=60)
-            except grpc.RpcError as error:
-                raise edgeinfer.EdgeInferError.from_rpc(error) from error
-
         observed, windows, base = oversized(
-            daemon.address, send, f"the request has more than {MAX_FIELDS} protobuf fields"
+            daemon.address,
+            raw_sender(channel, PREDICT, data),
+            f"the request has more than {MAX_FIELDS} protobuf fields",
         )
     report("stall.many_tensors", observed, windows, base)
 
@@ -182,35 +196,12 @@ def test_empty_tensors_filling_16_mib_are_refused_while_another_caller_is_served
     slowest, about 0.8 s of the event loop for this one message if it were parsed."""
     data = b"\x0a\x03mlp" + b"\x2a\x00" * (8 << 20)  # model_name, then empty inputs
     with grpc.insecure_channel(daemon.address) as channel:
-        infer = channel.unary_unary(
-            MODEL_INFER, request_serializer=None, response_deserializer=None
-        )
-
-        def send(client: edgeinfer.Client) -> None:
-            try:
-                infer(data, timeout=60)
-            except grpc.RpcError as error:
-                raise edgeinfer.EdgeInferError.from_rpc(error) from error
-
         observed, windows, base = oversized(
-            daemon.address, send, f"the request has more than {MAX_FIELDS} protobuf fields"
+            daemon.address,
+            raw_sender(channel, MODEL_INFER, data),
+            f"the request has more than {MAX_FIELDS} protobuf fields",
         )
     report("stall.empty_tensors", observed, windows, base)
-
-
-def raw_generate(channel: grpc.Channel, request: Any) -> Callable[[edgeinfer.Client], None]:
-    """A sender of ``request``'s bytes, serialized once here, on a raw Generate stream."""
-    data = request.SerializeToString()
-    generate = channel.unary_stream(GENERATE, request_serializer=None, response_deserializer=None)
-
-    def send(client: edgeinfer.Client) -> None:
-        try:
-            for _ in generate(data, timeout=60):
-                pass
-        except grpc.RpcError as error:
-            raise edgeinfer.EdgeInferError.from_rpc(error) from error
-
-    return send
 
 
 def test_prompt_far_over_the_context_is_refused_while_another_caller_is_served(
@@ -228,7 +219,7 @@ def test_prompt_far_over_the_context_is_refused_while_another_caller_is_served(
     with grpc.insecure_channel(llm_daemon.address) as channel:
         observed, windows, base = oversized(
             llm_daemon.address,
-            raw_generate(channel, request),
+            raw_sender(channel, GENERATE, request.SerializeToString(), streamed=True),
             "the prompt is 1000000 tokens; model 'smollm2' has a context of 2048",
         )
     report("stall.prompt_token_ids", observed, windows, base)
@@ -243,7 +234,7 @@ def test_huge_text_prompt_is_refused_while_another_caller_is_served(llm_daemon: 
     with grpc.insecure_channel(llm_daemon.address) as channel:
         observed, windows, base = oversized(
             llm_daemon.address,
-            raw_generate(channel, request),
+            raw_sender(channel, GENERATE, request.SerializeToString(), streamed=True),
             f"the prompt is {len(text)} characters; model 'smollm2' has a context of 2048",
         )
     report("stall.prompt_text", observed, windows, base)

@@ -35,6 +35,7 @@ from edgeinferd.compress.quantize import quantize_static
 from tests import models, nspawn
 from tests.conftest import short_tmpdir
 from tests.gate import Gate, launcher_text
+from tests.reliability_helpers import wait_for
 
 UNIT = "edgeinferd.service"
 SRC = "/srv/edgeinfer/src"
@@ -447,7 +448,7 @@ def test_reload_under_load_picks_up_models_and_config(machine: Machine) -> None:
         # `systemctl reload` may return before the daemon has finished (the HUP is sent,
         # the reload runs on): the swap is seen in the daemon's own answer instead.
         with machine.client() as probe:
-            assert wait_for_condition(lambda: probe.get_model("mlp").serving_version == "2")
+            assert wait_for(lambda: probe.get_model("mlp").serving_version == "2", timeout=120)
         swapped = time.monotonic()
         while caller.calls_after(swapped) < 20 and not caller.failures:
             time.sleep(0.01)
@@ -530,16 +531,6 @@ def test_watchdog_restarts_a_stopped_daemon(machine: Machine) -> None:
         assert client.predict("mlp", {"x": np.zeros((1, 16), np.float32)})["y"].shape == (1, 4)
 
 
-def wait_for_condition(condition: Callable[[], bool], timeout: float = 120) -> bool:
-    """Poll ``condition`` until it holds (a generous deadline: only a broken daemon reaches it)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 class Held(nn.Module):
     """Returns its input; for ``x > 0`` only once the test opens a gate (``tests.gate``), so
     a call is in flight for as long as the test says. (Warm-up passes are zeros.)"""
@@ -552,22 +543,6 @@ class Held(nn.Module):
         if bool(x[0, 0] > 0):
             x = torch.ops.edgeinfer_test.gate(x, self.gate)
         return x
-
-
-#: Two instances: both calls are in a forward pass at once. Never on the event loop.
-HELD_CONFIG = f"""
-max_batch_size = 1
-[instances]
-count = 2
-{models.NEVER_INLINE}[[inputs]]
-name = "x"
-dtype = "float32"
-shape = [1]
-[[outputs]]
-name = "y"
-dtype = "float32"
-shape = [1]
-"""
 
 
 def test_stop_lets_calls_in_flight_finish_and_removes_the_socket(machine: Machine) -> None:
@@ -584,7 +559,8 @@ def test_stop_lets_calls_in_flight_finish_and_removes_the_socket(machine: Machin
     gate = Gate(host_gate)
     (host_gate / "launch.py").write_text(launcher_text(SRC))
     held = machine.container.path(f"{REPOSITORY}/held")
-    folder = models.write_model(held.parent, "held", HELD_CONFIG)
+    # The slow model's config: two instances (both calls in a pass at once), never inline.
+    folder = models.write_model(held.parent, "held", models.SLOW_CONFIG)
     torch.jit.script(Held(f"{gate_dir}/{gate.path.name}")).save(str(folder / "model.pt"))
     machine.container.run("chown", "-R", "root:edgeinfer", str(REPOSITORY + "/held"))
     machine.container.run("chmod", "-R", "u=rwX,g=rX,o=", str(REPOSITORY + "/held"))
