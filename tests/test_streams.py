@@ -20,7 +20,7 @@ import numpy as np
 import edgeinfer
 from edgeinfer.client import build_request
 from edgeinfer.v1 import inference_pb2_grpc
-from edgeinferd.budgets import CONNECTION_STREAM_BYTES, LOCAL_STREAM_BYTES
+from edgeinferd.budgets import CONNECTION_STREAM_BYTES, LOCAL_STREAM_BYTES, ByteBudget
 from edgeinferd.protocol.streams import STREAM_PIPELINE_BYTES, answer_in_order
 from tests import models
 from tests.conftest import StartDaemon
@@ -94,6 +94,42 @@ def test_a_message_larger_than_the_budget_runs_alone() -> None:
     held, answers = _run(3, STREAM_PIPELINE_BYTES * 2)
     assert held == 1
     assert answers == [1, 2, 3]
+
+
+def test_a_release_into_a_full_budget_wakes_only_its_own_stream() -> None:
+    """100 streams wait on a full shared budget; another stream's answer gives bytes back
+    but leaves it full: only that stream's own reader is woken (it now holds nothing), not
+    the hundred, each of which would look again. Once there is room, all of them go on."""
+    looks = [0]
+
+    def holds_something() -> bool:
+        looks[0] += 1  # a woken stream looks again
+        return False
+
+    async def main() -> tuple[int, int, bool]:
+        budget = ByteBudget(limit=10)
+        budget.take(20)  # full
+        waiting = [
+            asyncio.ensure_future(budget.wait_for_room(object(), holds_something))
+            for _ in range(100)
+        ]
+        own = object()
+        own_holds = [5]
+        mine = asyncio.ensure_future(budget.wait_for_room(own, lambda: own_holds[0] == 0))
+        await _idle()
+        before = looks[0]
+        own_holds[0] = 0
+        budget.release(5, own)  # 15 held: still full
+        await _idle()
+        looked_while_full = looks[0] - before
+        budget.release(15)  # room now
+        await _idle()
+        return looked_while_full, sum(task.done() for task in waiting), mine.done()
+
+    looked_while_full, went_on_with_room, mine = asyncio.run(main())
+    assert mine
+    assert looked_while_full == 0
+    assert went_on_with_room == 100
 
 
 # -- the per-connection budget, on a real daemon -------------------------------------

@@ -62,9 +62,10 @@ class ByteBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
-        #: Streams of this connection that are open now.
+        #: Streams sharing this budget that are open now.
         self.streams = 0
-        self._waiters: list[asyncio.Future[None]] = []
+        #: The waiting streams, each under the key it waits with.
+        self._waiters: dict[object, asyncio.Future[None]] = {}
 
     def has_room(self) -> bool:
         return self.held < self.limit
@@ -72,24 +73,30 @@ class ByteBudget:
     def take(self, nbytes: int) -> None:
         self.held += nbytes
 
-    def release(self, nbytes: int) -> None:
-        """Give bytes back; every waiting stream looks again (room, or its own bytes gone)."""
+    def release(self, nbytes: int, owner: object = None) -> None:
+        """Give back bytes ``owner`` held. With room again, every waiting stream looks;
+        otherwise only ``owner``'s own reader does (it may now hold nothing), so a release
+        costs one wake-up however many streams wait."""
         self.held -= nbytes
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
+        if self.has_room():
+            waiters, self._waiters = self._waiters, {}
+        else:
+            waiter = self._waiters.pop(owner, None)
+            waiters = {} if waiter is None else {owner: waiter}
+        for waiter in waiters.values():
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def wait_for_room(self, holds_nothing: Callable[[], bool]) -> None:
-        """Return once there is room, or once the waiting stream holds nothing here."""
+    async def wait_for_room(self, owner: object, holds_nothing: Callable[[], bool]) -> None:
+        """Return once there is room, or once ``owner`` (the waiting stream) holds nothing."""
         while not (self.has_room() or holds_nothing()):
             waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+            self._waiters[owner] = waiter
             try:
                 await waiter
             finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+                if self._waiters.get(owner) is waiter:
+                    del self._waiters[owner]
 
 
 class ConnectionBudgets:

@@ -77,13 +77,16 @@ async def answer_in_order(
     def holds_nothing_shared() -> bool:
         return shared_held == 0
 
+    #: This stream's key in ``shared``: its own releases wake only its own reader.
+    owner = object()
+
     async def read() -> None:
         nonlocal held, shared_held
         try:
             messages = aiter(requests)
             while True:
                 if shared is not None:
-                    await shared.wait_for_room(holds_nothing_shared)
+                    await shared.wait_for_room(owner, holds_nothing_shared)
                 try:
                     message = await anext(messages)
                 except StopAsyncIteration:
@@ -106,7 +109,7 @@ async def answer_in_order(
         slots.release()
         if shared is not None:
             shared_held -= nbytes
-            shared.release(nbytes)
+            shared.release(nbytes, owner)
         if nbytes:
             async with room:
                 held -= nbytes
@@ -125,7 +128,7 @@ async def answer_in_order(
     finally:
         reader.cancel()
         if shared is not None:
-            shared.release(shared_held)
+            shared.release(shared_held, owner)
             shared_held = 0
         if not isinstance(current, _End):
             abandon(current[0])
