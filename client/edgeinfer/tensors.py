@@ -7,6 +7,8 @@ live once.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from edgeinfer.v1 import tensor_pb2
@@ -80,12 +82,9 @@ def element_count(shape: list[int] | tuple[int, ...]) -> int:
     """
     if len(shape) > MAX_DIMS:
         raise TensorError(f"shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
-    if any(dim < 0 for dim in shape):
+    if shape and min(shape) < 0:
         raise TensorError(f"shape {shape_repr(shape)} has a negative dimension")
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+    return math.prod(shape)
 
 
 def to_proto(

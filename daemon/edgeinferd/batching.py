@@ -71,6 +71,8 @@ class QueuedCall:
     key: tuple[tuple[int, ...], ...]
     future: asyncio.Future[Completed]
     deadline: float | None
+    #: Input elements, for the pass-cost estimate.
+    elements: int = 0
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -197,17 +199,18 @@ class Batcher:
                 f"model {self.config.name!r} has {len(self._queue)} calls queued"
                 f" (max_queue_size {self.config.batching.max_queue_size}); retry later"
             )
+        inputs_elements = _elements(inputs)
+        if self._cost is not None and self._may_run_inline(inputs_elements, deadline):
+            return self._run_inline(inputs, inputs_elements, deadline)
         batched = self.config.batched
         call = QueuedCall(
             inputs=inputs,
             rows=inputs[0].shape[0] if batched else 1,
-            key=tuple(a.shape[1:] for a in inputs) if batched else (),
+            key=_stack_key(inputs) if batched else (),
             future=self._loop.create_future(),
             deadline=deadline,
+            elements=inputs_elements,
         )
-        if self._cost is not None and self._may_run_inline(call):
-            self._run_inline(call)
-            return call
         with self._lock:
             self._queue.append(call)
             # A worker waiting for its batch to fill is woken only once it has.
@@ -216,7 +219,7 @@ class Batcher:
             self._tokens.put(True)
         return call
 
-    def _may_run_inline(self, call: QueuedCall) -> bool:
+    def _may_run_inline(self, elements: int, deadline: float | None) -> bool:
         """Inline only when no worker has work and the loop has nothing else ready.
 
         Under concurrent load other calls are queued or running, or the last
@@ -228,12 +231,17 @@ class Batcher:
             return False
         if _loop_has_ready_work(self._loop):
             return False
-        if call.deadline is not None and time.monotonic() >= call.deadline:
+        if deadline is not None and time.monotonic() >= deadline:
             return False  # the queue's path answers DEADLINE_EXCEEDED
         assert self._cost is not None
-        return self._cost.expected(_elements(call.inputs)) <= self._inline_max_s
+        return self._cost.expected(elements) <= self._inline_max_s
 
-    def _run_inline(self, call: QueuedCall) -> None:
+    def _run_inline(
+        self, inputs: Sequence[np.ndarray], elements: int, deadline: float | None
+    ) -> QueuedCall:
+        """Run one call's pass here, on the loop; its future is resolved on return."""
+        rows = inputs[0].shape[0] if self.config.batched else 1
+        call = QueuedCall(inputs, rows, (), self._loop.create_future(), deadline, elements)
         with self._lock:
             self._running += 1
         started, cpu_started = time.perf_counter(), self._clock()
@@ -251,6 +259,7 @@ class Batcher:
                 inline_max_us=self.config.inline_max_us,
             )
         self._deliver([call], results, started, finished, cpu)
+        return call
 
     def withdraw(self, call: QueuedCall) -> None:
         """The caller went away: cancel the call and free its queue slot now."""
@@ -423,7 +432,7 @@ class Batcher:
         self.stats.sizes[rows] += 1
         compute_s = finished - started
         if self._cost is not None:
-            self._cost.observe(sum(_elements(c.inputs) for c in calls), cpu)
+            self._cost.observe(sum(c.elements for c in calls), cpu)
         for call, result in zip(calls, results, strict=True):
             if not call.future.done():
                 call.future.set_result(Completed(result, started - call.enqueued, compute_s))
@@ -438,7 +447,16 @@ class Batcher:
 
 
 def _elements(inputs: Sequence[np.ndarray]) -> int:
+    if len(inputs) == 1:
+        return int(inputs[0].size)
     return sum(int(a.size) for a in inputs)
+
+
+def _stack_key(inputs: Sequence[np.ndarray]) -> tuple[tuple[int, ...], ...]:
+    """Calls whose inputs have these shapes after the batch dimension stack together."""
+    if len(inputs) == 1:
+        return (inputs[0].shape[1:],)
+    return tuple(a.shape[1:] for a in inputs)
 
 
 def _loop_has_ready_work(loop: asyncio.AbstractEventLoop) -> bool:

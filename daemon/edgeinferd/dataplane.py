@@ -17,6 +17,7 @@ import numpy as np
 import structlog
 
 from edgeinfer.tensors import shape_repr
+from edgeinferd import logs
 from edgeinferd.batching import QueuedCall
 from edgeinferd.budgets import ConnectionBudgets
 from edgeinferd.errors import Cancelled, InvalidInput, ModelExecutionError, PermissionDenied
@@ -74,8 +75,8 @@ class PendingInference:
 
     request: InferenceRequest
     loaded: LoadedVersion
-    #: Indices of the outputs the caller asked for.
-    wanted: list[int]
+    #: Indices of the outputs the caller asked for; None for all of them.
+    wanted: list[int] | None
     queued: QueuedCall
     started: float
     #: Finished or abandoned: counted once.
@@ -190,23 +191,27 @@ class DataPlane:
                 )
             raise error
         completed = future.result()
-        self.metrics.record(
-            request.model, loaded.version, None, elapsed, completed.queue_s, completed.compute_s
+        self.metrics.record_success(
+            request.model, loaded.version, elapsed, completed.queue_s, completed.compute_s
         )
-        # A no-op unless the level is debug: the hot path pays one call.
-        log.debug(
-            "request",
-            model=request.model,
-            version=loaded.version,
-            request_id=request.id,
-            duration_ms=round(elapsed * 1000, 3),
-        )
-        names = loaded.predictor()[0].output_names
+        if logs.debug_enabled:  # the hot path pays one attribute read, not a call
+            log.debug(
+                "request",
+                model=request.model,
+                version=loaded.version,
+                request_id=request.id,
+                duration_ms=round(elapsed * 1000, 3),
+            )
+        names, outputs, wanted = loaded.config.output_names, completed.outputs, pending.wanted
         return InferenceResponse(
             model=request.model,
             version=loaded.version,
             id=request.id,
-            outputs={names[i]: completed.outputs[i] for i in pending.wanted},
+            outputs=(
+                dict(zip(names, outputs, strict=True))
+                if wanted is None
+                else {names[i]: outputs[i] for i in wanted}
+            ),
             queue_s=completed.queue_s,
             compute_s=completed.compute_s,
         )
@@ -286,59 +291,73 @@ class DataPlane:
 def validate_inputs(config: ModelConfig, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Check names, dtypes and shapes against the config; arrays in config order.
 
-    Every message names the tensor, what came and what was expected.
+    Every message names the tensor, what came and what was expected. The
+    comparisons use the config's ``input_checks``, worked out once per version.
     """
-    expected_names = [spec.name for spec in config.inputs]
+    names = config.input_names
     for name in inputs:
-        if name not in expected_names:
+        if name not in names:
             raise InvalidInput(
-                f"model {config.name!r} has no input {name!r}; it takes {', '.join(expected_names)}"
+                f"model {config.name!r} has no input {name!r}; it takes {', '.join(names)}"
             )
     arrays = []
+    batched = config.batched
     batch_rows: int | None = None
-    for spec in config.inputs:
-        array = inputs.get(spec.name)
-        expected = (-1, *spec.shape) if config.batched else spec.shape
+    for check in config.input_checks:
+        array = inputs.get(check.name)
         if array is None:
             raise InvalidInput(
-                f"model {config.name!r} input {spec.name!r} is missing;"
-                f" expected {spec.dtype}{shape_repr(expected)}"
+                f"model {config.name!r} input {check.name!r} is missing;"
+                f" expected {check.dtype}{shape_repr(check.expected)}"
             )
-        if array.dtype != np.dtype(spec.dtype):
+        if array.dtype != check.dtype:
             raise InvalidInput(
-                f"input {spec.name!r} has dtype {array.dtype};"
-                f" model {config.name!r} expects {spec.dtype}"
+                f"input {check.name!r} has dtype {array.dtype};"
+                f" model {config.name!r} expects {check.dtype}"
             )
         shape = array.shape
-        if len(shape) != len(expected) or any(
-            e != -1 and e != s for e, s in zip(expected, shape, strict=True)
-        ):
+        if not _shape_fits(shape, check.expected, check.fixed, batched):
             raise InvalidInput(
-                f"input {spec.name!r} has shape {shape_repr(shape)}; model {config.name!r}"
-                f" expects {shape_repr(expected)}"
-                + (" (the first dimension is the batch)" if config.batched else "")
+                f"input {check.name!r} has shape {shape_repr(shape)}; model {config.name!r}"
+                f" expects {shape_repr(check.expected)}"
+                + (" (the first dimension is the batch)" if batched else "")
             )
-        if config.batched:
+        if batched:
             rows = shape[0]
             if not 1 <= rows <= config.max_batch_size:
                 raise InvalidInput(
-                    f"input {spec.name!r} has a batch of {rows}; model {config.name!r} takes"
+                    f"input {check.name!r} has a batch of {rows}; model {config.name!r} takes"
                     f" 1 to {config.max_batch_size} rows per call"
                 )
             if batch_rows is not None and rows != batch_rows:
                 raise InvalidInput(
-                    f"input {spec.name!r} has a batch of {rows}; the other inputs have {batch_rows}"
+                    f"input {check.name!r} has a batch of {rows};"
+                    f" the other inputs have {batch_rows}"
                 )
             batch_rows = rows
         arrays.append(array)
     return arrays
 
 
-def select_outputs(config: ModelConfig, wanted: Sequence[str]) -> list[int]:
-    """Indices of the requested outputs (all when none are named)."""
-    names = [spec.name for spec in config.outputs]
+def _shape_fits(
+    shape: tuple[int, ...],
+    expected: tuple[int, ...],
+    fixed: tuple[int, ...] | None,
+    batched: bool,
+) -> bool:
+    """Whether ``shape`` matches ``expected`` (-1 matches any size)."""
+    if len(shape) != len(expected):
+        return False
+    if fixed is not None:  # no free dimension: one tuple comparison
+        return (shape[1:] if batched else shape) == fixed
+    return all(e == -1 or e == s for e, s in zip(expected, shape, strict=True))
+
+
+def select_outputs(config: ModelConfig, wanted: Sequence[str]) -> list[int] | None:
+    """Indices of the requested outputs; None when none are named (all, in config order)."""
     if not wanted:
-        return list(range(len(names)))
+        return None
+    names = config.output_names
     indices = []
     for name in wanted:
         if name not in names:

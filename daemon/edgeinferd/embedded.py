@@ -45,5 +45,7 @@ class EmbeddedModel:
         arrays = validate_inputs(self.config, inputs)
         wanted = select_outputs(self.config, outputs)
         results = self._runner.run(arrays)
-        names = self._runner.output_names
+        names = self.config.output_names
+        if wanted is None:
+            return dict(zip(names, results, strict=True))
         return {names[i]: results[i] for i in wanted}

@@ -34,8 +34,15 @@ class _LevelFilteringLogger(structlog.make_filtering_bound_logger(logging.DEBUG)
     """
 
 
+#: Whether debug events are logged: the hot path reads this before building a
+#: per-request event, so at the default level a call pays one attribute read.
+debug_enabled = False
+
+
 def set_level(level: str) -> None:
     """Change the level of every logger, including those already used (on reload)."""
+    global debug_enabled
+    debug_enabled = _LEVELS[level] <= logging.DEBUG
     source = structlog.make_filtering_bound_logger(_LEVELS[level])
     for name, value in vars(source).items():
         if not name.startswith("__"):

@@ -94,6 +94,20 @@ class Metrics:
                 counters.latency["queue"].observe(queue_s)
                 counters.latency["compute"].observe(compute_s)
 
+    def record_success(
+        self, model: str, version: str, total_s: float, queue_s: float, compute_s: float
+    ) -> None:
+        """``record`` for a call that was answered: the one every served call takes."""
+        counters = self.models.get((model, version))
+        if counters is None:
+            self.record(model, version, None, total_s, queue_s, compute_s)
+            return
+        counters.requests["OK"] += 1
+        latency = counters.latency
+        latency["total"].observe(total_s)
+        latency["queue"].observe(queue_s)
+        latency["compute"].observe(compute_s)
+
     def snapshot(self) -> list[tuple[tuple[str, str], ModelCounters]]:
         # list() of a dict's items is one C call: safe to take from the metrics thread.
         return list(self.models.items())

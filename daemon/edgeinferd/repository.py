@@ -12,8 +12,11 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from edgeinfer.tensors import DTYPES_BY_NAME, shape_repr
 from edgeinferd.errors import ConfigError, InvalidInput, ModelNotFound
@@ -102,6 +105,41 @@ class ModelConfig:
     @property
     def batched(self) -> bool:
         return self.max_batch_size > 0
+
+    # Worked out once per loaded version, not on every call (the hot path reads them).
+
+    @cached_property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.inputs)
+
+    @cached_property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.outputs)
+
+    @cached_property
+    def input_checks(self) -> tuple[InputCheck, ...]:
+        """What each input of every call is checked against, in config order."""
+        batch = (-1,) if self.batched else ()
+        return tuple(
+            InputCheck(
+                name=spec.name,
+                dtype=np.dtype(spec.dtype),
+                expected=batch + spec.shape,
+                fixed=None if -1 in spec.shape else spec.shape,
+            )
+            for spec in self.inputs
+        )
+
+
+class InputCheck(NamedTuple):
+    """One declared input, in the form the per-call check compares against."""
+
+    name: str
+    dtype: np.dtype[Any]
+    #: The whole shape, with -1 for the batch dimension and for free dimensions.
+    expected: tuple[int, ...]
+    #: The shape after the batch dimension when none of it is free (one tuple compare).
+    fixed: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,11 @@ class Runner:
         if getattr(_thread_state, "threads", None) != self.config.threads:
             torch.set_num_threads(self.config.threads)
             _thread_state.threads = self.config.threads
-        tensors = [torch.from_numpy(array) for array in inputs]
+        tensors = (
+            (torch.from_numpy(inputs[0]),)
+            if len(inputs) == 1
+            else [torch.from_numpy(array) for array in inputs]
+        )
         try:
             with torch.inference_mode():
                 result = self.module(*tensors)
@@ -85,6 +89,8 @@ class Runner:
 
     def _outputs(self, result: Any) -> list[np.ndarray]:
         if isinstance(result, torch.Tensor):
+            if len(self.output_names) == 1:  # the common case, without the general loop
+                return [result.detach().contiguous().numpy()]
             values = [result]
         elif isinstance(result, (tuple, list)):
             values = list(result)

@@ -127,15 +127,21 @@ def decode_request(
     ``config`` is the serving version's, used only to name what the model
     expects in messages about datatypes V2 has and edgeinferd does not serve.
     """
-    for output in message.outputs:
-        _refuse_parameters(output.parameters, f"output {output.name!r}", classification=True)
+    outputs = message.outputs
+    for output in outputs:
+        if output.parameters:
+            _refuse_parameters(output.parameters, f"output {output.name!r}", classification=True)
     return InferenceRequest(
         model=message.model_name,
         version=message.model_version,
         id=message.id,
         inputs=decode_inputs(message, config),
-        outputs=[o.name for o in message.outputs],
-        deadline=_deadline(message.parameters, time_remaining),
+        outputs=[o.name for o in outputs] if outputs else (),
+        deadline=(
+            _deadline(message.parameters, time_remaining)
+            if message.parameters
+            else monotonic_deadline(time_remaining)
+        ),
     )
 
 
@@ -153,7 +159,6 @@ def decode_inputs(message: pb.ModelInferRequest, config: ModelConfig) -> dict[st
             f"the request has {len(raw)} raw_input_contents for {len(message.inputs)} inputs;"
             " send one buffer per input, in the order of inputs"
         )
-    expected = {spec.name: V2_NAMES[spec.dtype] for spec in config.inputs}
     inputs: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(message.inputs):
         name = tensor.name
@@ -161,8 +166,9 @@ def decode_inputs(message: pb.ModelInferRequest, config: ModelConfig) -> dict[st
             raise InvalidInput("an input tensor has an empty name")
         if name in inputs:
             raise InvalidInput(f"input {name!r} appears twice")
-        _refuse_parameters(tensor.parameters, f"input {name!r}")
-        dtype = _dtype_of(tensor.datatype, name, config.name, expected.get(name))
+        if tensor.parameters:
+            _refuse_parameters(tensor.parameters, f"input {name!r}")
+        dtype = V2_DTYPES.get(tensor.datatype) or _dtype_of(tensor.datatype, name, config)
         shape = tuple(tensor.shape)
         try:
             if raw:
@@ -179,11 +185,13 @@ def decode_inputs(message: pb.ModelInferRequest, config: ModelConfig) -> dict[st
     return inputs
 
 
-def _dtype_of(datatype: str, name: str, model: str, expected: str | None) -> str:
+def _dtype_of(datatype: str, name: str, config: ModelConfig) -> str:
     """The data plane's dtype name for a V2 datatype; refuses the ones not served."""
     dtype = V2_DTYPES.get(datatype)
     if dtype is not None:
         return dtype
+    model = config.name
+    expected = next((V2_NAMES[s.dtype] for s in config.inputs if s.name == name), None)
     wants = f"; model {model!r} expects {expected} for it" if expected else ""
     why = UNSERVED_DTYPES.get(datatype)
     if why is not None:
@@ -263,10 +271,20 @@ def encode_response(result: InferenceResponse) -> pb.ModelInferResponse:
         model_name=result.model, model_version=result.version, id=result.id
     )
     for name, array in result.outputs.items():
-        code = dtype_code(array.dtype)
-        response.outputs.add(name=name, datatype=V2_NAMES[DTYPE_NAMES[code]], shape=array.shape)
-        response.raw_output_contents.append(array.astype(NUMPY_DTYPES[code], copy=False).tobytes())
+        datatype = _V2_BY_NUMPY.get(array.dtype)
+        if datatype is None:  # not little-endian native, or not a wire type (raises)
+            code = dtype_code(array.dtype)
+            datatype = V2_NAMES[DTYPE_NAMES[code]]
+            array = array.astype(NUMPY_DTYPES[code], copy=False)
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(array.tobytes())
     return response
+
+
+#: numpy dtype -> V2 datatype, for the wire's own (little-endian) numpy types.
+_V2_BY_NUMPY: dict[np.dtype[Any], str] = {
+    NUMPY_DTYPES[code]: V2_NAMES[name] for code, name in DTYPE_NAMES.items() if name in V2_NAMES
+}
 
 
 def model_metadata(loaded: LoadedVersion) -> pb.ModelMetadataResponse:

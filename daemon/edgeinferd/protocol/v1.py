@@ -86,7 +86,7 @@ def decode_request(
         version=message.version,
         id=message.id,
         inputs=inputs,
-        outputs=[o.name for o in message.outputs],
+        outputs=[o.name for o in message.outputs] if message.outputs else (),
         deadline=monotonic_deadline(time_remaining),
     )
 
@@ -273,7 +273,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, message: pb.PredictRequest, result: InferenceResponse, caller: Caller
     ) -> pb.PredictResponse:
         response = pb.PredictResponse(model=result.model, version=result.version, id=result.id)
-        targets = {o.name: o.shared_memory for o in message.outputs if o.HasField("shared_memory")}
+        targets = (
+            {o.name: o.shared_memory for o in message.outputs if o.HasField("shared_memory")}
+            if message.outputs
+            else {}
+        )
         for name, array in result.outputs.items():
             tensor = response.outputs.add()
             target = targets.get(name)
