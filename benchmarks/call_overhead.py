@@ -14,6 +14,18 @@ Prints microseconds per call (median of rounds) and, with ``--profile``, the
 daemon path's cProfile by own time. Usage::
 
     python benchmarks/call_overhead.py [--calls 3000] [--rounds 5] [--profile]
+
+Wall-clock medians on a shared 2-core machine move by tens of microseconds
+between runs, more than most changes to the daemon's path. Instructions do not:
+``--count N --only KIND`` runs exactly N calls of one kind (after a short
+warm-up) and prints nothing, for valgrind to count. The instructions per call
+are the difference between a run of N calls and a run of 0, divided by N::
+
+    export PYTHONHASHSEED=0
+    for n in 0 2000; do for kind in inline edgeinfer; do
+      valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python benchmarks/call_overhead.py --count $n --only $kind 2>&1 | grep Collected
+    done; done
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import os
 import pstats
 import statistics
 import sys
@@ -66,7 +79,7 @@ class Context:
         return "unix:"
 
 
-async def main(calls: int, rounds: int, profile: bool) -> None:
+async def main(calls: int, rounds: int, profile: bool, count: int | None, only: str) -> None:
     torch.set_num_threads(1)
     configure_logging("info", "json", io.StringIO())  # as the daemon runs by default
     work = Path(tempfile.mkdtemp())
@@ -113,6 +126,17 @@ async def main(calls: int, rounds: int, profile: bool) -> None:
         return (time.perf_counter() - started) / calls * 1e6
 
     kinds = ["pass only", "inline server", "edgeinfer"]
+    if count is not None:  # for an instruction count: N calls of one kind, then stop
+        step = pass_only if only == "pass" else inline
+        for _ in range(20):
+            step()
+            await daemon()
+        for _ in range(count):
+            if only == "edgeinfer":
+                await daemon()
+            else:
+                step()
+        os._exit(0)  # the same exit for every N: no teardown counted
     for kind in kinds:  # warm up
         await timed(kind)
     results: dict[str, list[float]] = {kind: [] for kind in kinds}
@@ -144,5 +168,7 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--count", type=int, help="run exactly N calls of --only, print nothing")
+    parser.add_argument("--only", choices=["pass", "inline", "edgeinfer"], default="edgeinfer")
     args = parser.parse_args()
-    asyncio.run(main(args.calls, args.rounds, args.profile))
+    asyncio.run(main(args.calls, args.rounds, args.profile, args.count, args.only))

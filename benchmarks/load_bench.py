@@ -1,10 +1,12 @@
-"""The daemon at every load, next to the inline reference server and raw PyTorch, in one run.
+"""The daemon at every load, next to the inline reference server, raw PyTorch and peer servers.
 
     python benchmarks/load_bench.py             # 3 interleaved rounds, 3 s windows
     python benchmarks/load_bench.py --quick     # 1 round, 2 s windows
+    python benchmarks/load_bench.py --quick --scenarios "1 x 1" --crossover-pairs 0
+    python benchmarks/load_bench.py --render    # the tables again, from the JSON
 
 The seed MLP (1000->500->10 float32, TorchScript, max_batch_size 32) is served
-three ways at once, and every scenario runs on each of them back to back, round
+several ways at once, and every scenario runs on each of them back to back, round
 after round (each cell keeps its best round: other load on a shared machine
 only ever slows a cell down):
 
@@ -13,37 +15,51 @@ only ever slows a cell down):
   ``mlp-hop`` with ``inline_max_us = 0`` (every pass handed to a worker thread,
   the design before inline passes);
 - ``inline server``: benchmarks/inline_server.py, a grpc.aio KServe V2 server
-  running the model on its event loop with nothing else.
+  running the model on its event loop with nothing else;
+- the peers, when their venvs are there (``benchmarks/peers/setup_peers.sh``, then
+  ``--peers DIR``; by default ``$EDGEINFER_CACHE/peers`` if it exists): Seldon
+  MLServer (in-process runtime, and a second model with its adaptive batching,
+  32 / 2 ms) over KServe V2 gRPC on a Unix socket, through
+  benchmarks/peers/mlserver_launch.py; TorchServe (a batching model, 32 / 2 ms, and
+  an unbatched one) over its REST API. Both serve the same TorchScript file; neither
+  can be driven with perf_analyzer's streams, so the stream scenario skips them.
 
 Then the crossover: for one caller at batch 1 and at batch 32, model
 ``mlp-loop`` (``inline_max_us`` so high that every lone pass runs on the loop)
 against ``mlp-hop``, in alternating pairs of windows.
 
 The load is Triton's ``perf_analyzer`` (KServe V2 ModelInfer over the Unix
-socket; ``--streaming`` for the stream scenario), a C++ client much lighter
-than any Python one, so that more of the 2 cores is left to the servers. It
-ships in the tritonclient wheel; on a CPU-only machine it still needs
-``libcudart.so.12`` (``pip install nvidia-cuda-runtime-cu12``) and libb64
-(Debian: ``libb64-0d``). Raw PyTorch (the same TorchScript file, one thread,
-in this process) is measured at the start and at the end.
+socket; ``--streaming`` for the stream scenario; ``--service-kind torchserve``
+over HTTP for TorchServe), a C++ client much lighter than any Python one, so
+that more of the 2 cores is left to the servers. It ships in the tritonclient
+wheel; on a CPU-only machine it still needs ``libcudart.so.12`` (``pip install
+nvidia-cuda-runtime-cu12``) and libb64 (Debian: ``libb64-0d``). Raw PyTorch (the
+same TorchScript file, one thread, in this process) is measured at the start and
+at the end. A server's CPU is that of its whole process tree (for TorchServe: the
+Java frontend and its Python workers).
 
 Writes benchmarks/results/load_bench.json and the table between the ``load``
-markers of benchmarks/README.md.
+markers of benchmarks/README.md (a run restricted with ``--scenarios`` writes
+neither, unless given ``--json``, and never the README).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +89,23 @@ QUOTED_PEERS = {
 QUOTED_BEST = {"1 x 1": 574, "8 x 1": 1509, "32 x 1": 3858, "1 x 32": 10733}
 
 
+#: The peers' servers in the cells: name -> (column, variant). See start_peers.
+PEER_VARIANTS = {
+    "MLServer": ("MLServer", "no batching"),
+    "MLServer, adaptive batching": ("MLServer", "adaptive batching 32 / 2 ms"),
+    "TorchServe, batching": ("TorchServe (REST)", "batching 32 / 2 ms"),
+    "TorchServe, unbatched": ("TorchServe (REST)", "unbatched"),
+}
+PEERS_CODE = ROOT / "benchmarks" / "peers"
+WIDTH, OUT_WIDTH = 1000, 10
+
+
+def default_peers() -> Path:
+    """Where benchmarks/peers/setup_peers.sh puts the peers' venvs by default."""
+    cache = os.environ.get("EDGEINFER_CACHE") or str(Path.home() / ".cache" / "edgeinfer")
+    return Path(cache) / "peers"
+
+
 def perf_analyzer_env() -> dict[str, str]:
     """perf_analyzer's environment: where libcudart.so.12 is, if pip installed it."""
     env = dict(os.environ)
@@ -86,30 +119,87 @@ def perf_analyzer_env() -> dict[str, str]:
     return env
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat from field 3 (state) on: [1] ppid, [11] utime, [12] stime, [19] start."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[tuple[int, int]]:
+    """(pid, start time) of a process and all its descendants."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = _stat(int(entry.name))
+            except (OSError, IndexError):
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+            starts[int(entry.name)] = int(fields[19])
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        if current in starts:
+            tree.append((current, starts[current]))
+        todo.extend(children.get(current, []))
+    return tree
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process and its live descendants (TorchServe: Java and its workers)."""
+    ticks = 0
+    for member, _ in process_tree(pid):
+        with contextlib.suppress(OSError, IndexError):
+            fields = _stat(member)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Target:
+    """One model on one server, as perf_analyzer reaches it."""
+
+    model: str
+    pid: int  # the process (tree) whose CPU is the server's
+    address: str  # unix:PATH for KServe V2 gRPC, HOST:PORT for TorchServe's REST API
+    kind: str = "kserve"  # or "torchserve"
+    streams: bool = True
+    inputs: Path | None = None  # torchserve: where ts-input-{rows}.json lie
 
 
 def run_perf_analyzer(
-    socket_path: Path, model: str, args: list[str], seconds: float, pid: int, workdir: Path
+    target: Target, args: list[str], rows: int, seconds: float, workdir: Path
 ) -> dict[str, float]:
-    """One perf_analyzer measurement: inferences/s, p50/p99 µs, server CPU µs per inference."""
-    out = workdir / f"pa-{model}-{time.monotonic_ns()}.csv"
+    """One perf_analyzer measurement: inferences/s, p50/p99 µs, server CPU in % of a core."""
+    out = workdir / f"pa-{target.model}-{time.monotonic_ns()}.csv"
+    if target.kind == "torchserve":
+        # One request of `rows` rows per call (the body is the input file); perf_analyzer
+        # counts one inference per request whatever its rows, hence the `* rows` below.
+        assert target.inputs is not None
+        concurrency = args[args.index("--concurrency-range") + 1]
+        load = [
+            "--service-kind", "torchserve", "-i", "http", "-u", target.address,
+            "--input-data", str(target.inputs / f"ts-input-{rows}.json"),
+            "--concurrency-range", concurrency,
+        ]  # fmt: skip
+        per_inference = rows
+    else:
+        load = ["-i", "grpc", "-u", target.address, *args]
+        per_inference = 1
     command = [
-        "perf_analyzer", "-m", model, "-i", "grpc", "-u", f"unix:{socket_path}",
+        "perf_analyzer", "-m", target.model, *load,
         "--measurement-interval", str(int(seconds * 1000)), "--max-trials", "3",
-        "--stability-percentage", "999", "--percentile", "50", "-f", str(out), *args,
+        "--stability-percentage", "999", "--percentile", "50", "-f", str(out),
     ]  # fmt: skip
-    cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
+    cpu_before, wall_before = cpu_seconds(target.pid), time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, env=perf_analyzer_env())
-    cpu = cpu_seconds(pid) - cpu_before
+    cpu = cpu_seconds(target.pid) - cpu_before
     wall = time.monotonic() - wall_before
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr}")
     with out.open() as handle:
         row = next(csv.DictReader(handle))
-    rate = float(row["Inferences/Second"])
+    rate = float(row["Inferences/Second"]) * per_inference
     return {
         "inferences_per_s": rate,
         "p50_us": float(row["p50 latency"]),
@@ -120,9 +210,10 @@ def run_perf_analyzer(
     }
 
 
-def start_servers(repo: Path, workdir: Path) -> dict[str, tuple[str, sb.Process, Path]]:
+def start_servers(repo: Path, workdir: Path, stack: contextlib.ExitStack) -> dict[str, Target]:
     daemon_socket = workdir / "daemon.sock"
     daemon = sb.Process("daemon", sb.daemon_command(repo, daemon_socket), workdir, daemon_socket)
+    stack.callback(daemon.stop)
     inline_socket = workdir / "inline.sock"
     inline = sb.Process(
         "inline",
@@ -132,15 +223,299 @@ def start_servers(repo: Path, workdir: Path) -> dict[str, tuple[str, sb.Process,
          "--input", "x:1000", "--output", "y:10", "--max-batch-size", "32"],
         workdir, inline_socket,
     )  # fmt: skip
+    stack.callback(inline.stop)
     daemon.wait_ready(f"unix:{daemon_socket}")
     deadline = time.monotonic() + 60
     while not inline_socket.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     return {
-        "edgeinfer": ("mlp", daemon, daemon_socket),
-        "edgeinfer, always a thread": ("mlp-hop", daemon, daemon_socket),
-        "inline server": ("mlp", inline, inline_socket),
+        "edgeinfer": Target("mlp", daemon.pid, f"unix:{daemon_socket}"),
+        "edgeinfer, always a thread": Target("mlp-hop", daemon.pid, f"unix:{daemon_socket}"),
+        "inline server": Target("mlp", inline.pid, f"unix:{inline_socket}"),
     }
+
+
+# ---------------------------------------------------------------- peers
+
+
+def _http(url: str, body: bytes | None = None, timeout: float = 5) -> bytes:
+    request = urllib.request.Request(url, data=body, method="POST" if body else "GET")
+    if body is not None:  # urllib would say form data, which TorchServe then parses
+        json_body = body[:1] == b"{"
+        request.add_header(
+            "Content-Type", "application/json" if json_body else "application/octet-stream"
+        )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return bytes(response.read())
+
+
+def _reference(model_file: Path, rows: int) -> tuple[Any, Any]:
+    """Fixed input rows and the TorchScript file's own answer for them, in this process."""
+    import numpy as np
+    import torch
+
+    x = np.random.default_rng(rows).standard_normal((rows, WIDTH), dtype=np.float32)
+    module = torch.jit.load(str(model_file)).eval()
+    with torch.inference_mode():
+        return x, module(torch.from_numpy(x)).numpy()
+
+
+def _until_answered(name: str, process: sb.Process, check: Any, timeout: float = 180) -> None:
+    """Call check() until it returns without an error (or the process dies)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.process.poll() is not None:
+            raise RuntimeError(f"{name} exited:\n{process.log_path.read_text()[-3000:]}")
+        try:
+            check()
+            return
+        except (OSError, ValueError, KeyError) as error:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{name} not answering after {timeout:g} s ({error}):\n"
+                    f"{process.log_path.read_text()[-3000:]}"
+                ) from error
+            time.sleep(0.2)
+
+
+def _version(python: Path, package: str) -> str:
+    done = subprocess.run(
+        [str(python), "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+def start_mlserver(
+    peers: Path, model_file: Path, workdir: Path, stack: contextlib.ExitStack
+) -> dict[str, Target]:
+    """MLServer, in-process runtime (parallel_workers 0): model ``mlp`` unbatched and
+    ``mlp-batched`` with its adaptive batching; KServe V2 gRPC on a Unix socket."""
+    import numpy as np
+
+    folder = workdir / "mlserver"
+    tensors = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, WIDTH]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, OUT_WIDTH]}],
+    }
+    batching: dict[str, dict[str, Any]] = {
+        "mlp": {},
+        "mlp-batched": {"max_batch_size": 32, "max_batch_time": 0.002},
+    }
+    for name, extra in batching.items():
+        (folder / name).mkdir(parents=True)
+        settings = {
+            "name": name,
+            "implementation": "mlserver_runtime.TorchScriptMLP",
+            "platform": "pytorch_libtorch",
+            **tensors,
+            **extra,
+            "parameters": {"uri": str(model_file), "version": "1"},
+        }
+        (folder / name / "model-settings.json").write_text(json.dumps(settings, indent=2))
+    http_port = sb.free_port()
+    (folder / "settings.json").write_text(
+        json.dumps(
+            {
+                "debug": False,
+                "host": "127.0.0.1",
+                "http_port": http_port,
+                "grpc_port": sb.free_port(),
+                "metrics_endpoint": None,
+                "parallel_workers": 0,
+                "gzip_enabled": False,
+            },
+            indent=2,
+        )
+    )
+    socket_path = workdir / "mlserver.sock"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(PEERS_CODE),
+        "MLSERVER_PA_UNIX": str(socket_path),
+        "MLSERVER_PA_MAX_BATCH": "32",
+    }
+    python = peers / "mlserver-venv" / "bin" / "python"
+    command = [str(python), str(PEERS_CODE / "mlserver_launch.py"), "start", str(folder)]
+    process = sb.Process("mlserver", command, workdir, socket_path, env)
+    stack.callback(process.stop)
+    x, y = _reference(model_file, 1)
+
+    def answers(name: str) -> None:
+        body = {"inputs": [{"name": "x", "shape": [1, WIDTH], "datatype": "FP32",
+                            "data": x.ravel().tolist()}]}  # fmt: skip
+        reply = json.loads(
+            _http(f"http://127.0.0.1:{http_port}/v2/models/{name}/infer", json.dumps(body).encode())
+        )
+        got = np.asarray(reply["outputs"][0]["data"], dtype=np.float32).reshape(y.shape)
+        if not np.allclose(got, y, rtol=1e-4, atol=1e-5):
+            raise RuntimeError(f"MLServer {name}: not the daemon's weights")
+        if not socket_path.exists():
+            raise OSError("no Unix socket yet")
+
+    for name in batching:
+        _until_answered("mlserver", process, lambda name=name: answers(name))
+    address = f"unix:{socket_path}"
+    return {
+        "MLServer": Target("mlp", process.pid, address, streams=False),
+        "MLServer, adaptive batching": Target("mlp-batched", process.pid, address, streams=False),
+    }
+
+
+TORCHSERVE_LOG_CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration>
+  <Appenders>
+    <Console name="STDOUT" target="SYSTEM_OUT">
+      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
+    </Console>
+  </Appenders>
+  <Loggers>
+    <Root level="warn"><AppenderRef ref="STDOUT"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+def start_torchserve(
+    peers: Path, model_file: Path, workdir: Path, stack: contextlib.ExitStack
+) -> dict[str, Target]:
+    """TorchServe over its REST API: ``mlp`` (batchSize 32, maxBatchDelay 2 ms) and
+    ``mlp-unbatched`` (batchSize 1), one worker each; perf_analyzer cannot drive its gRPC."""
+    import numpy as np
+
+    venv = peers / "torchserve-venv" / "bin"
+    folder = workdir / "torchserve"
+    store = folder / "model-store"
+    tmp = folder / "tmp"  # its pid file (tempfile.gettempdir()), kept apart from others
+    store.mkdir(parents=True)
+    tmp.mkdir()
+    for name in ("mlp", "mlp-unbatched"):
+        subprocess.run(
+            [str(venv / "torch-model-archiver"), "--model-name", name, "--version", "1.0",
+             "--serialized-file", str(model_file),
+             "--handler", str(PEERS_CODE / "torchserve_handler.py"),
+             "--export-path", str(store), "--force"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    models = {
+        name: {
+            "1.0": {
+                "defaultVersion": True,
+                "marName": f"{name}.mar",
+                "minWorkers": 1,
+                "maxWorkers": 1,
+                "batchSize": batch,
+                "maxBatchDelay": delay,
+                "responseTimeout": 120,
+            }
+        }
+        for name, batch, delay in (("mlp", 32, 2), ("mlp-unbatched", 1, 0))
+    }
+    port = sb.free_port()
+    config = folder / "config.properties"
+    config.write_text(
+        "\n".join(
+            [
+                f"inference_address=http://127.0.0.1:{port}",
+                f"management_address=http://127.0.0.1:{sb.free_port()}",
+                f"metrics_address=http://127.0.0.1:{sb.free_port()}",
+                "grpc_inference_address=127.0.0.1",
+                f"grpc_inference_port={sb.free_port()}",
+                "grpc_management_address=127.0.0.1",
+                f"grpc_management_port={sb.free_port()}",
+                "disable_token_authorization=true",
+                "default_workers_per_model=1",
+                "job_queue_size=1000",
+                "enable_metrics_api=false",
+                "disable_system_metrics=true",
+                "async_logging=true",
+                f"model_store={store}",
+                "load_models=mlp.mar,mlp-unbatched.mar",
+                f"models={json.dumps(models)}",
+                "",
+            ]
+        )
+    )
+    inputs = {}
+    for rows in sorted({rows for _, _, rows in SCENARIOS}):
+        x, y = _reference(model_file, rows)
+        (folder / f"x{rows}.bin").write_bytes(x.tobytes())
+        data = {"data": [{"TORCHSERVE_INPUT": [str(folder / f"x{rows}.bin")]}]}
+        (folder / f"ts-input-{rows}.json").write_text(json.dumps(data))
+        inputs[rows] = (x, y)
+    env = {
+        **os.environ,
+        "PATH": f"{venv}:{os.environ.get('PATH', '')}",
+        "TMPDIR": str(tmp),
+        "TEMP": str(tmp),
+        "LOG_LOCATION": str(folder / "logs"),
+        "METRICS_LOCATION": str(folder / "logs"),
+    }
+    # Its shipped logging writes some twenty lines a request (DEBUG, access log, metrics):
+    # production settings log warnings only, asynchronously (async_logging above).
+    log_config = folder / "log4j2.xml"
+    log_config.write_text(TORCHSERVE_LOG_CONFIG)
+    cli = [str(venv / "torchserve")]
+    command = [*cli, "--start", "--foreground", "--ncs", "--disable-token-auth",
+               "--ts-config", str(config), "--model-store", str(store),
+               "--log-config", str(log_config)]  # fmt: skip
+    process = sb.Process("torchserve", command, folder, None, env)
+
+    def stop() -> None:
+        tree = process_tree(process.pid)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                [*cli, "--stop", "--foreground"],
+                env=env, cwd=folder, capture_output=True, timeout=90,
+            )  # fmt: skip
+        process.stop()
+        for pid, started in tree[1:]:  # whatever --stop left: by pid, if still the same one
+            with contextlib.suppress(OSError, IndexError):
+                if int(_stat(pid)[19]) == started:
+                    os.kill(pid, signal.SIGKILL)
+
+    stack.callback(stop)
+
+    def answers(name: str) -> None:
+        for x, y in inputs.values():
+            reply = _http(f"http://127.0.0.1:{port}/predictions/{name}", x.tobytes())
+            got = np.frombuffer(reply, dtype=np.float32).reshape(y.shape)
+            if not np.allclose(got, y, rtol=1e-4, atol=1e-5):
+                raise RuntimeError(f"TorchServe {name}: not the daemon's weights")
+
+    for name in models:
+        _until_answered("torchserve", process, lambda name=name: answers(name))
+    address = f"127.0.0.1:{port}"
+    return {
+        "TorchServe, batching": Target("mlp", process.pid, address, "torchserve", False, folder),
+        "TorchServe, unbatched": Target(
+            "mlp-unbatched", process.pid, address, "torchserve", False, folder
+        ),
+    }
+
+
+def start_peers(
+    peers: Path, repo: Path, workdir: Path, stack: contextlib.ExitStack
+) -> tuple[dict[str, Target], dict[str, Any]]:
+    """Both peers, started and checked against the TorchScript file's own answers."""
+    model_file = repo / "mlp" / "1" / "model.pt"
+    servers = start_mlserver(peers, model_file, workdir, stack)
+    servers.update(start_torchserve(peers, model_file, workdir, stack))
+    # What the idle peers cost while the others are measured (they run all along).
+    pids = {"MLServer": servers["MLServer"].pid, "TorchServe": servers["TorchServe, batching"].pid}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    time.sleep(3)
+    idle = {name: 100 * (cpu_seconds(pid) - before[name]) / 3 for name, pid in pids.items()}
+    info = {
+        "versions": {
+            "mlserver": _version(peers / "mlserver-venv" / "bin" / "python", "mlserver"),
+            "torchserve": _version(peers / "torchserve-venv" / "bin" / "python", "torchserve"),
+        },
+        "variants": {name: list(column) for name, column in PEER_VARIANTS.items()},
+        "idle_cpu_percent": idle,
+    }
+    sb.log(f"peers up: {info['versions']}; idle CPU % {idle}")
+    return servers, info
 
 
 def build(repo: Path) -> None:
@@ -157,51 +532,64 @@ def build(repo: Path) -> None:
 
 
 #: Lone-caller scenarios of the crossover: a short pass and a long one.
-CROSSOVER = [("1 x 1", SCENARIOS[0][1]), ("1 x 32", SCENARIOS[3][1])]
+CROSSOVER = [("1 x 1", SCENARIOS[0][1], 1), ("1 x 32", SCENARIOS[3][1], 32)]
 
 
 def measure_crossover(
-    servers: dict[str, tuple[str, sb.Process, Path]], pairs: int, seconds: float, workdir: Path
+    servers: dict[str, Target], labels: list[str], pairs: int, seconds: float, workdir: Path
 ) -> dict[str, Any]:
     """A lone caller's passes on the loop (mlp-loop) against in a thread (mlp-hop), in
     alternating pairs: where inlining stops paying (the default inline_max_us)."""
-    _, daemon, socket_path = servers["edgeinfer"]
+    daemon = servers["edgeinfer"]
     result: dict[str, Any] = {}
-    for label, args in CROSSOVER:
+    for label, args, rows in CROSSOVER:
+        if label not in labels or pairs <= 0:
+            continue
         rates: dict[str, list[float]] = {"mlp-loop": [], "mlp-hop": []}
         for i in range(pairs):
             order = ("mlp-loop", "mlp-hop") if i % 2 == 0 else ("mlp-hop", "mlp-loop")
             for model in order:
                 sb.log(f"crossover {label}: pair {i + 1} on {model}")
-                cell = run_perf_analyzer(socket_path, model, args, seconds, daemon.pid, workdir)
+                target = Target(model, daemon.pid, daemon.address)
+                cell = run_perf_analyzer(target, args, rows, seconds, workdir)
                 rates[model].append(cell["inferences_per_s"])
         result[label] = rates
     return result
 
 
-def measure(rounds: int, seconds: float, raw_seconds: float, pairs: int) -> dict[str, Any]:
+def measure(
+    rounds: int,
+    seconds: float,
+    raw_seconds: float,
+    pairs: int,
+    labels: list[str],
+    peers: Path | None,
+) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="ei-load-"))
     repo = workdir / "repo"
     build(repo)
     raw_start = sb.measure_raw(repo, raw_seconds)
-    servers = start_servers(repo, workdir)
     cells: dict[str, dict[str, dict[str, float]]] = {}
-    try:
+    peer_info: dict[str, Any] | None = None
+    with contextlib.ExitStack() as stack:
+        servers = start_servers(repo, workdir, stack)
+        if peers is not None:
+            peer_servers, peer_info = start_peers(peers, repo, workdir, stack)
+            servers.update(peer_servers)
         for round_ in range(rounds):
             for label, args, rows in SCENARIOS:
-                for server, (model, process, socket_path) in servers.items():
+                if label not in labels:
+                    continue
+                for server, target in servers.items():
+                    if "--streaming" in args and not target.streams:
+                        continue
                     sb.log(f"round {round_ + 1}: {label} on {server}")
-                    cell = run_perf_analyzer(
-                        socket_path, model, args, seconds, process.pid, workdir
-                    )
+                    cell = run_perf_analyzer(target, args, rows, seconds, workdir)
                     cell["rows"] = rows
                     best = cells.setdefault(label, {}).get(server)
                     if best is None or cell["inferences_per_s"] > best["inferences_per_s"]:
                         cells[label][server] = cell
-        crossover = measure_crossover(servers, pairs, seconds, workdir)
-    finally:
-        for _, process, _ in {id(p): (m, p, s) for m, p, s in servers.values()}.values():
-            process.stop()
+        crossover = measure_crossover(servers, labels, pairs, seconds, workdir)
     raw = sb.merge_raw(raw_start, sb.measure_raw(repo, raw_seconds))
     shutil.rmtree(workdir, ignore_errors=True)
     return {
@@ -214,49 +602,124 @@ def measure(rounds: int, seconds: float, raw_seconds: float, pairs: int) -> dict
         "cells": cells,
         "raw": raw,
         "crossover": crossover,
+        "peers": peer_info,
     }
+
+
+Cell = dict[str, float]
+
+
+def _best_peer(cells: dict[str, Cell], column: str) -> tuple[str, Cell] | None:
+    """The best measured variant of one peer in one scenario: (variant, cell)."""
+    found = [
+        (variant, cells[name])
+        for name, (peer, variant) in PEER_VARIANTS.items()
+        if peer == column and name in cells
+    ]
+    return max(found, key=lambda item: item[1]["inferences_per_s"], default=None)
 
 
 def render(data: dict[str, Any]) -> str:
     raw = data["raw"]["mlp"]
     machine = data["machine"]
+    peers = data.get("peers")
+    columns = sorted({peer for peer, _ in PEER_VARIANTS.values()})  # MLServer, TorchServe
+    if peers:
+        versions = peers["versions"]
+        how = (
+            " Inferences/s from perf_analyzer over each server's Unix socket (KServe V2 gRPC),"
+            f" MLServer {versions['mlserver']} included (through benchmarks/peers/"
+            f"mlserver_launch.py); TorchServe {versions['torchserve']} over its REST API on"
+            " 127.0.0.1 (`--service-kind torchserve`, one request of all the rows per call)."
+            " Each peer's column is its best variant in that scenario, named in brackets;"
+            " every variant is in the table below. The server's CPU in % of one core."
+        )
+        peer_head = " | ".join(columns) + " | edgeinfer / best peer |"
+        peer_rule = "--:|" * (len(columns) + 1)
+    else:
+        how = (
+            " Inferences/s from perf_analyzer over each server's Unix socket (KServe V2);"
+            " the server's CPU in % of one core."
+        )
+        peer_head = "best peer (quoted) | edgeinfer / quoted best |"
+        peer_rule = "---|--:|"
     lines = [
         f"Measured {data['date']} on {machine['cpu']}, {machine['cores']} cores"
         f" ({data['rounds']} round(s) of {data['window_s']:g} s windows, best round per cell;"
-        f" code at commit {data['source'].get('commit', '?')}). Inferences/s from perf_analyzer"
-        " over each server's Unix socket (KServe V2); the server's CPU in % of one core.",
+        f" code at commit {data['source'].get('commit', '?')})." + how,
         "",
         "| scenario (callers x batch) | edgeinfer | p50 / p99 ms | CPU % | always a thread"
-        " | inline server | edgeinfer / inline | raw PyTorch, 1 thread | best peer (quoted) |"
-        " edgeinfer / quoted best |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|---|--:|",
+        " | inline server | edgeinfer / inline | raw PyTorch, 1 thread | " + peer_head,
+        "|---|--:|--:|--:|--:|--:|--:|--:|" + peer_rule,
     ]
-    for label, _, rows in SCENARIOS:
+    for label, args, rows in SCENARIOS:
+        if label not in data["cells"]:
+            continue
         cells = data["cells"][label]
         ours = cells["edgeinfer"]
         hop = cells["edgeinfer, always a thread"]
         inline = cells["inline server"]
         raw_cell = raw.get(f"1t/b{rows}")
-        peer, figure = QUOTED_PEERS.get(label, ("none has bidirectional streams", "-"))
-        best = QUOTED_BEST.get(label)
         rate = ours["inferences_per_s"]
-        lines.append(
-            " | ".join(
-                [
-                    f"| {label}",
-                    f"{rate:,.0f}",
-                    f"{ours['p50_us'] / 1000:.2f} / {ours['p99_us'] / 1000:.2f}",
-                    f"{ours['server_cpu_percent']:.0f}",
-                    f"{hop['inferences_per_s']:,.0f}",
-                    f"{inline['inferences_per_s']:,.0f}",
-                    f"{rate / inline['inferences_per_s']:.2f}x",
-                    f"{raw_cell['rows_per_s']:,.0f}" if raw_cell else "-",
-                    f"{peer}: {figure}",
-                    f"{rate / best:.2f}x" if best else "-",
-                ]
+        row = [
+            f"| {label}",
+            f"{rate:,.0f}",
+            f"{ours['p50_us'] / 1000:.2f} / {ours['p99_us'] / 1000:.2f}",
+            f"{ours['server_cpu_percent']:.0f}",
+            f"{hop['inferences_per_s']:,.0f}",
+            f"{inline['inferences_per_s']:,.0f}",
+            f"{rate / inline['inferences_per_s']:.2f}x",
+            f"{raw_cell['rows_per_s']:,.0f}" if raw_cell else "-",
+        ]
+        if peers:
+            best_rate = 0.0
+            for column in columns:
+                best = _best_peer(cells, column)
+                if best is None:
+                    row.append("no streams" if "--streaming" in args else "-")
+                else:
+                    variant, cell = best
+                    row.append(f"{cell['inferences_per_s']:,.0f} ({variant})")
+                    best_rate = max(best_rate, cell["inferences_per_s"])
+            row.append(f"{rate / best_rate:.2f}x" if best_rate else "-")
+        else:
+            peer, figure = QUOTED_PEERS.get(label, ("none has bidirectional streams", "-"))
+            quoted = QUOTED_BEST.get(label)
+            row += [f"{peer}: {figure}", f"{rate / quoted:.2f}x" if quoted else "-"]
+        lines.append(" | ".join(row) + " |")
+    if peers:
+        lines += ["", render_peers(data)]
+    return "\n".join(lines)
+
+
+def render_peers(data: dict[str, Any]) -> str:
+    """Every peer variant in every scenario it ran: inferences/s, p50 / p99, CPU."""
+    labels = [label for label, _, _ in SCENARIOS if label in data["cells"]]
+    labels = [label for label in labels if any(n in data["cells"][label] for n in PEER_VARIANTS)]
+    idle = data["peers"].get("idle_cpu_percent", {})
+    lines = [
+        "**The peers, every variant** (inferences/s; p50 / p99 ms; the server's CPU %, for"
+        " TorchServe its Java frontend and Python workers together). Neither peer can be"
+        " driven with perf_analyzer's streams: MLServer's `ModelStreamInfer` differs from"
+        " Triton's, and TorchServe is measured over REST. Idle (3 s just after start-up),"
+        " they used "
+        + ", ".join(f"{name} {percent:.1f}%" for name, percent in sorted(idle.items()))
+        + " of a core.",
+        "",
+        "| peer | variant | " + " | ".join(labels) + " |",
+        "|---|---|" + "--:|" * len(labels),
+    ]
+    for name, (peer, variant) in PEER_VARIANTS.items():
+        row = [f"| {peer}", variant]
+        for label in labels:
+            cell = data["cells"][label].get(name)
+            row.append(
+                f"{cell['inferences_per_s']:,.0f}; {cell['p50_us'] / 1000:.2f} /"
+                f" {cell['p99_us'] / 1000:.2f}; {cell['server_cpu_percent']:.0f}%"
+                if cell
+                else "-"
             )
-            + " |"
-        )
+        lines.append(" | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -282,13 +745,65 @@ def render_crossover(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def resolve_peers(args: argparse.Namespace) -> Path | None:
+    """--peers DIR, else the default folder if it exists; its two venvs must be there."""
+    if args.no_peers:
+        return None
+    peers = args.peers or default_peers()
+    if args.peers is None and not peers.is_dir():
+        sb.log(f"no peers: {peers} does not exist (benchmarks/peers/setup_peers.sh makes it)")
+        return None
+    missing = [
+        str(path)
+        for path in (
+            peers / "mlserver-venv" / "bin" / "python",
+            peers / "torchserve-venv" / "bin" / "torchserve",
+            peers / "torchserve-venv" / "bin" / "torch-model-archiver",
+        )
+        if not path.exists()
+    ]
+    if missing:
+        raise SystemExit(
+            f"peers folder {peers} is incomplete (missing {', '.join(missing)}): run"
+            f" benchmarks/peers/setup_peers.sh {peers}, or pass --no-peers"
+        )
+    return peers.resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round of 2 s windows")
     parser.add_argument("--render", action="store_true", help="rewrite the table from the JSON")
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        metavar="LABEL",
+        choices=[label for label, _, _ in SCENARIOS],
+        help="run only these scenarios (a smoke run: writes no README table, and the JSON"
+        " only if --json is given)",
+    )
+    parser.add_argument(
+        "--crossover-pairs", type=int, help="pairs of windows per crossover scenario (0: none)"
+    )
+    parser.add_argument(
+        "--peers",
+        type=Path,
+        help="the folder setup_peers.sh made (default: $EDGEINFER_CACHE/peers, or"
+        " ~/.cache/edgeinfer/peers, if it exists)",
+    )
+    parser.add_argument("--no-peers", action="store_true", help="measure no peer server")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="the results file to write (or, with --render, read); only the default one,"
+        " results/load_bench.json, rewrites the README table",
+    )
+    parser.add_argument("--no-readme", action="store_true", help="print the tables only")
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "load_bench.json"
+    default_path = RESULTS / "load_bench.json"
+    path = args.json or default_path
+    readme = not args.no_readme and path.resolve() == default_path.resolve()
     if args.render:
         data = json.loads(path.read_text())
     else:
@@ -297,13 +812,29 @@ def main(argv: list[str] | None = None) -> int:
                 "perf_analyzer is not on PATH (it ships in the tritonclient wheel)", file=sys.stderr
             )
             return 2
+        peers = resolve_peers(args)
+        # A SIGTERM unwinds like Ctrl-C, so that every server started is stopped.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         quick = args.quick
+        labels = args.scenarios or [label for label, _, _ in SCENARIOS]
+        pairs = args.crossover_pairs
         data = measure(
-            1 if quick else 3, 2.0 if quick else 3.0, 1.0 if quick else 2.0, 2 if quick else 6
+            1 if quick else 3,
+            2.0 if quick else 3.0,
+            1.0 if quick else 2.0,
+            (2 if quick else 6) if pairs is None else pairs,
+            labels,
+            peers,
         )
-        path.write_text(json.dumps(data, indent=2))
-    table = render(data) + "\n\n" + render_crossover(data)
-    sb.update_readme({"load": table})
+        if args.scenarios:
+            readme = False
+        if args.json or not args.scenarios:
+            path.write_text(json.dumps(data, indent=2))
+    table = render(data)
+    if data.get("crossover"):
+        table += "\n\n" + render_crossover(data)
+    if readme:
+        sb.update_readme({"load": table})
     print(table)
     return 0
 

@@ -206,14 +206,21 @@ def free_port() -> int:
 class Process:
     """A server in a subprocess (daemon or echo), its log, and how to reach it."""
 
-    def __init__(self, name: str, command: list[str], workdir: Path, unix: Path | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        workdir: Path,
+        unix: Path | None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.unix = unix
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.spawned = time.monotonic()
         self.process = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir
+            command, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=env
         )
         self.pid = self.process.pid
 
