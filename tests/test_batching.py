@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,8 @@ import torch
 from torch import nn
 
 import edgeinfer
+from edgeinferd.batching import Batcher
+from edgeinferd.repository import BatchingConfig, ModelConfig, TensorSpec
 from tests import models
 from tests.conftest import Daemon, StartDaemon, daemon_config, short_tmpdir
 from tests.gate import Gate, write_launcher
@@ -340,3 +344,52 @@ def test_adaptive_delay_waits_once_calls_have_shared_a_pass(gated: Gated) -> Non
 
     asyncio.run(main())
     assert passes_since(gated.daemon, "adaptive", before) == (3, 5)
+
+
+def test_a_worker_waiting_for_a_fuller_batch_is_not_stalled_by_signals() -> None:
+    """A pair of calls, then a lone call that waits out the 100 µs delay (its batch had
+    company), 3,000 times, while SIGUSR1 is sent to the worker thread every 50 µs: every
+    call is answered. A signal interrupts the worker's timed wait; CPython 3.11's
+    ``SimpleQueue.get(timeout=...)`` then retried with the passed deadline as a negative
+    timeout, which waits for ever (the batcher's old wait hung this test)."""
+    spec = TensorSpec("x", "float32", (1,))
+    batching = BatchingConfig(max_queue_delay_us=100, delay_policy="adaptive")
+    config = ModelConfig(
+        "m", (spec,), (TensorSpec("y", "float32", (1,)),), max_batch_size=4, batching=batching
+    )
+    stop = threading.Event()
+
+    def storm(thread: threading.Thread) -> None:
+        while not stop.wait(0.00005):
+            signal.pthread_kill(thread.ident or 0, signal.SIGUSR1)
+
+    async def main() -> int:
+        batcher = Batcher(config, lambda inputs: [inputs[0] + 1])  # never inline: no cost
+        (worker,) = [t for t in threading.enumerate() if t.name == "forward:m:0"]
+        sender = threading.Thread(target=storm, args=(worker,), daemon=True)
+        sender.start()
+        answered = 0
+        try:
+            for i in range(ROUNDS):
+                # A pair shares a pass, so the lone call after it waits out the delay.
+                for size in (2, 1):
+                    x = np.full((1, 1), i, np.float32)
+                    calls = [batcher.enqueue([x]) for _ in range(size)]
+                    # A bound on a hang, not on speed: each takes well under a millisecond.
+                    await asyncio.wait_for(asyncio.gather(*(c.future for c in calls)), 30)
+                    answered += size
+        finally:
+            stop.set()
+            sender.join()
+        await batcher.close()
+        return answered
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        assert asyncio.run(main()) == 3 * ROUNDS
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+#: Rounds of the signal test: a pair of calls, then a lone one (a few seconds here).
+ROUNDS = 3000

@@ -157,6 +157,13 @@ class Batcher:
         self._running = 0
         #: Workers waiting up to max_queue_delay_us for a fuller batch (under _lock).
         self._filling = 0
+        #: Set (under _lock) when the batch those workers wait for is full, or at close.
+        #: A timed wait on a lock, not on ``_tokens``: CPython 3.11's
+        #: ``SimpleQueue.get(timeout=...)`` can retry with a deadline already passed,
+        #: which it hands the lock as a negative timeout, meaning "wait for ever" (seen:
+        #: a worker blocked with a -8 µs timeout and its calls never answered). A
+        #: lock's own timed acquire treats a passed deadline as a timeout.
+        self._filled = threading.Event()
         #: The last forward pass served more than one call (the adaptive delay policy).
         self._company = False
         self.stats = BatchStats()
@@ -215,6 +222,8 @@ class Batcher:
             self._queue.append(call)
             # A worker waiting for its batch to fill is woken only once it has.
             wake = not self._filling or self._batch_full()
+            if wake and self._filling:
+                self._filled.set()
         if wake:
             self._tokens.put(True)
         return call
@@ -270,7 +279,9 @@ class Batcher:
     async def close(self) -> None:
         """Stop taking calls, finish those queued and running, then stop the workers."""
         if not self._closing:
-            self._closing = True
+            with self._lock:
+                self._closing = True
+                self._filled.set()  # a worker waiting for a fuller batch stops waiting
             for _ in self._stopped:
                 self._tokens.put(_STOP)
         await asyncio.gather(*self._stopped)
@@ -305,22 +316,18 @@ class Batcher:
         """Wait up to ``delay`` after the oldest call for the batch to fill."""
         while True:
             with self._lock:
-                if not self._queue or self._batch_full():
+                if not self._queue or self._batch_full() or self._closing:
                     return
                 remaining = self._queue[0].enqueued + delay - time.perf_counter()
                 if remaining <= 0:
                     return
                 self._filling += 1
+                self._filled.clear()
             try:
-                token = self._tokens.get(timeout=remaining)
-            except queue.Empty:
-                return
+                self._filled.wait(remaining)
             finally:
                 with self._lock:
                     self._filling -= 1
-            if token is _STOP:
-                self._tokens.put(_STOP)  # for the outer loop to see
-                return
 
     def _batch_full(self) -> bool:
         """Enough rows queued to stop waiting (call with ``_lock`` held)."""
