@@ -54,7 +54,6 @@ class Runner:
     def __init__(self, config: ModelConfig, module: Any) -> None:
         self.config = config
         self.module = module
-        self.output_names = [spec.name for spec in config.outputs]
         #: (input elements, seconds) of a one-row and of a full-batch warm-up pass.
         self.pass_times: tuple[tuple[int, float], tuple[int, float]] | None = None
 
@@ -89,28 +88,28 @@ class Runner:
 
     def _outputs(self, result: Any) -> list[np.ndarray]:
         if isinstance(result, torch.Tensor):
-            if len(self.output_names) == 1:  # the common case, without the general loop
+            if len(self.config.output_names) == 1:  # the common case, without the general loop
                 return [result.detach().contiguous().numpy()]
             values = [result]
         elif isinstance(result, (tuple, list)):
             values = list(result)
         elif isinstance(result, dict):
-            missing = [name for name in self.output_names if name not in result]
+            missing = [name for name in self.config.output_names if name not in result]
             if missing:
                 raise ModelExecutionError(
                     f"model {self.config.name!r} returned no output {missing[0]!r}"
                     f" (it returned {sorted(result)})"
                 )
-            values = [result[name] for name in self.output_names]
+            values = [result[name] for name in self.config.output_names]
         else:
             raise ModelExecutionError(
                 f"model {self.config.name!r} returned {type(result).__name__};"
                 " expected a tensor, a tuple of tensors or a dict of tensors"
             )
-        if len(values) != len(self.output_names):
+        if len(values) != len(self.config.output_names):
             raise ModelExecutionError(
                 f"model {self.config.name!r} returned {len(values)} outputs;"
-                f" its config declares {len(self.output_names)}"
+                f" its config declares {len(self.config.output_names)}"
             )
         arrays = []
         for spec, value in zip(self.config.outputs, values, strict=True):
