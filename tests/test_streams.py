@@ -251,6 +251,11 @@ def test_a_connections_streams_share_one_byte_budget(
 #: Streams the Unix-socket test leaves unread: their per-stream bounds alone would
 #: hold more than the local budget.
 LOCAL_STREAMS = 6
+#: Messages each of them offers. A stream's bytes count until answered, and answers go
+#: on being written until the unread connection's flow-control windows are full: with
+#: 12 messages (24 MiB), up to 8 of a stream's could be answered first, leaving its 4
+#: unanswered ones (6 streams x 8 MiB) short of the budget. 24 leave enough either way.
+LOCAL_OFFERED = 24
 
 
 def test_unix_socket_streams_share_the_local_budget_and_each_keeps_moving(
@@ -270,7 +275,7 @@ def test_unix_socket_streams_share_the_local_budget_and_each_keeps_moving(
     assert bound < LOCAL_STREAMS * STREAM_PIPELINE_BYTES  # the test can tell them apart
     with grpc.insecure_channel(f"unix:{daemon.socket}") as stalled:
         stub = inference_pb2_grpc.InferenceStub(stalled)
-        streams = [unread_stream(stub, OFFERED) for _ in range(LOCAL_STREAMS)]
+        streams = [unread_stream(stub, LOCAL_OFFERED) for _ in range(LOCAL_STREAMS)]
         assert wait_for(
             lambda: gauges(metrics)["edgeinfer_stream_local_request_bytes"] >= LOCAL_STREAM_BYTES,
             timeout=60,
@@ -294,7 +299,7 @@ def test_unix_socket_streams_share_the_local_budget_and_each_keeps_moving(
         "streams.local_budget",
         streams=LOCAL_STREAMS,
         message_bytes=message,
-        offered_per_stream=OFFERED * message,
+        offered_per_stream=LOCAL_OFFERED * message,
         held_on_the_unix_socket=int(held["edgeinfer_stream_local_request_bytes"]),
         bound=bound,
         per_stream_bounds_alone=LOCAL_STREAMS * (STREAM_PIPELINE_BYTES + message),
