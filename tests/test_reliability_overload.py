@@ -237,10 +237,15 @@ async def closed_loop(address: str, gate: Gate, base: int) -> LoadResult:
     Every call waits at the gate, and the test lets one pass through only while the queue
     is full and only once the previous answer arrived, so
     the model, not this process, is the bottleneck: overload on any machine, whatever
-    its speed. A refused caller tries again when an answer arrives (a slot may be free).
+    its speed. A refused caller tries again when an answer arrives (a slot may be free),
+    or when the daemon shows a free slot that no call is on its way to take: an answer can
+    reach the caller before the worker has taken the next call off the queue, so both
+    calls made on that answer can be refused, and nothing else would wake a caller.
     """
     result = LoadResult(Counter(), [], [], 0, 0)
     answered = 0
+    trying = 0  # callers with a call made and not yet answered or refused
+    waiting = 0  # refused callers waiting for a slot
     freed = asyncio.Semaphore(0)
     first_wave_refused = asyncio.Event()
     request = spin(True)
@@ -249,20 +254,25 @@ async def closed_loop(address: str, gate: Gate, base: int) -> LoadResult:
         blocker = asyncio.ensure_future(stub.Predict(request, timeout=120))
 
         async def caller() -> None:
-            nonlocal answered
+            nonlocal answered, trying, waiting
             while answered < LOAD_CALLS:
                 seen = answered
                 started = time.monotonic()
+                trying += 1
                 try:
                     reply = await stub.Predict(request, timeout=120)
                 except grpc.aio.AioRpcError as error:
+                    trying -= 1
                     result.codes[error.code().name] += 1
                     if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                         return
                     if result.codes["RESOURCE_EXHAUSTED"] == LOAD_CALLERS - LOAD_QUEUE:
                         first_wave_refused.set()
+                    waiting += 1
                     await freed.acquire()
+                    waiting -= 1
                     continue
+                trying -= 1
                 result.codes["OK"] += 1
                 result.latencies_s.append(time.monotonic() - started)
                 own_pass = int(np.frombuffer(reply.outputs[0].data, np.float32)[0]) - base
@@ -274,8 +284,19 @@ async def closed_loop(address: str, gate: Gate, base: int) -> LoadResult:
 
         with edgeinfer.Client(address, timeout=30) as client:
 
-            def full_or_done() -> bool:
-                return answered >= LOAD_CALLS or queue_state(client)[0] >= LOAD_QUEUE
+            async def full_or_done() -> bool:
+                """Until the queue is full again (or all calls are in); a free slot that
+                no call is on its way to (every call made is counted by the daemon)
+                wakes one refused caller."""
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    queued, in_flight = await asyncio.to_thread(queue_state, client)
+                    if answered >= LOAD_CALLS or queued >= LOAD_QUEUE:
+                        return True
+                    if waiting and trying <= in_flight:
+                        freed.release()
+                    await asyncio.sleep(0.002)
+                return False
 
             assert await asyncio.to_thread(wait_for, lambda: queue_state(client) == (0, 1))
             callers = [asyncio.ensure_future(caller()) for _ in range(LOAD_CALLERS)]
@@ -285,7 +306,7 @@ async def closed_loop(address: str, gate: Gate, base: int) -> LoadResult:
             await blocker
             freed.release()
             while answered < LOAD_CALLS:
-                assert await asyncio.to_thread(wait_for, full_or_done, 60.0, 0.002)
+                assert await full_or_done()
                 if answered >= LOAD_CALLS:
                     break
                 before = answered
