@@ -181,20 +181,27 @@ def test_cancelled_calls_and_closed_streams_free_their_slots(
             future.cancel()
         assert wait_for(lambda: queue_state(b.client)[0] == 0)
 
-        release = threading.Event()
+        v2 = service_pb2.ModelInferRequest(model_name="counter")
+        v2.inputs.add(name="x", datatype="FP32", shape=[1, 1])
+        v2.raw_input_contents.append(np.zeros((1, 1), np.float32).tobytes())
+        for method, message in (
+            ("/edgeinfer.v1.Inference/PredictStream", spin(False).SerializeToString()),
+            ("/inference.GRPCInferenceService/ModelStreamInfer", v2.SerializeToString()),
+        ):
+            release = threading.Event()
 
-        def messages() -> Iterator[bytes]:
-            yield spin(False).SerializeToString()
-            yield spin(False).SerializeToString()
-            release.wait(60)
+            def messages(
+                message: bytes = message, release: threading.Event = release
+            ) -> Iterator[bytes]:
+                yield message
+                yield message
+                release.wait(60)
 
-        stream = raw_stream(b.channel, "/edgeinfer.v1.Inference/PredictStream")(
-            messages(), timeout=120
-        )
-        assert wait_for(lambda: queue_state(b.client)[0] == 2)
-        stream.cancel()
-        release.set()
-        assert wait_for(lambda: queue_state(b.client)[0] == 0)
+            stream = raw_stream(b.channel, method)(messages(), timeout=120)
+            assert wait_for(lambda: queue_state(b.client)[0] == 2), method
+            stream.cancel()
+            release.set()
+            assert wait_for(lambda: queue_state(b.client)[0] == 0), method
 
         admitted = [b.stub.Predict.future(spin(False), timeout=120) for _ in range(2)]
         assert wait_for(lambda: queue_state(b.client)[0] == 2)
@@ -203,7 +210,7 @@ def test_cancelled_calls_and_closed_streams_free_their_slots(
         gate.open()
         codes = [code_of_future(f).name for f in (b.blocker, *admitted)]
         ran = b.passes_since()
-    figure("overload.freed_slots", cancelled=2, stream_messages_closed=2, model_ran=ran)
+    figure("overload.freed_slots", cancelled=2, stream_messages_closed=4, model_ran=ran)
     assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED  # the limit still holds
     assert codes == ["OK", "OK", "OK"]
     assert ran == 3  # blocker and the two admitted calls; none of the cancelled ones

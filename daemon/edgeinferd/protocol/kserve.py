@@ -12,10 +12,9 @@ of ``raw_input_contents`` with ``inputs``, and typed ``contents`` fields.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any, Never, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, Never, TypeAlias
 
 import grpc
 import numpy as np
@@ -39,6 +38,7 @@ from edgeinferd.dataplane import (
     DataPlane,
     InferenceRequest,
     InferenceResponse,
+    PendingInference,
     monotonic_deadline,
 )
 from edgeinferd.errors import EdgeInferError, InvalidInput
@@ -389,6 +389,29 @@ def index_entry(entry: ModelEntry) -> pb.RepositoryIndexResponse.ModelIndex:
 # -- the servicer --------------------------------------------------------------
 
 
+class _StreamMessage(NamedTuple):
+    """A stream message, and its queued call or why it could not be queued."""
+
+    message: pb.ModelInferRequest
+    started: PendingInference | Exception
+
+
+def stream_error(message: pb.ModelInferRequest, error: Exception) -> pb.ModelStreamInferResponse:
+    """A failed stream message's answer: its error message, and its id in ``infer_response``.
+
+    V2 streams carry only a message; the code rides along as a parameter (clients that
+    do not know it ignore it)."""
+    code, text = status_for(error, message.id)
+    answer = pb.ModelStreamInferResponse(
+        error_message=text,
+        infer_response=pb.ModelInferResponse(
+            model_name=message.model_name, model_version=message.model_version, id=message.id
+        ),
+    )
+    answer.infer_response.parameters[STREAM_STATUS_PARAMETER].string_param = code.name
+    return answer
+
+
 class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
@@ -465,39 +488,40 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Answer in request order while up to STREAM_PIPELINE_DEPTH requests run at once.
 
-        A failed request is answered with its error message (and its id in
-        ``infer_response``); the stream stays open for the next one.
+        Each message is decoded and queued as it arrives and answered in order, with no
+        task per message (as edgeinfer.v1's streams). A failed request is answered with
+        its error message (and its id in ``infer_response``); the stream stays open for
+        the next one.
         """
 
-        async def one(message: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        def start(message: pb.ModelInferRequest) -> _StreamMessage:
             try:
-                response = await self._respond(message, context.time_remaining())
+                loaded = self.dataplane.serving(message.model_name, message.model_version)
+                request = decode_request(message, loaded.config, context.time_remaining())
+                return _StreamMessage(message, self.dataplane.start(request))
+            except Exception as error:
+                return _StreamMessage(message, error)
+
+        async def finish(item: _StreamMessage) -> pb.ModelStreamInferResponse:
+            message, started = item
+            try:
+                if isinstance(started, Exception):
+                    raise started
+                response = encode_response(await self.dataplane.complete(started))
                 return pb.ModelStreamInferResponse(infer_response=response)
             except Exception as error:
-                code, text = status_for(error, message.id)
-                answer = pb.ModelStreamInferResponse(
-                    error_message=text,
-                    infer_response=pb.ModelInferResponse(
-                        model_name=message.model_name,
-                        model_version=message.model_version,
-                        id=message.id,
-                    ),
-                )
-                # V2 streams carry only a message; the code rides along as a parameter
-                # (clients that do not know it ignore it).
-                answer.infer_response.parameters[STREAM_STATUS_PARAMETER].string_param = code.name
-                return answer
+                return stream_error(message, error)
 
-        def cancel(task: asyncio.Task[pb.ModelStreamInferResponse]) -> None:
-            task.cancel()
+        def abandon(item: _StreamMessage) -> None:
+            if isinstance(item.started, PendingInference):
+                self.dataplane.abandon(item.started)
 
-        # A task per message: simpler than edgeinfer.v1's fast path, and V2 streams are rarer.
         with self.dataplane.stream_budgets.stream(connection_of(context.peer())) as shared:
             async for answer in answer_in_order(
                 request_iterator,
-                start=lambda message: asyncio.ensure_future(one(message)),
-                finish=lambda task: task,
-                abandon=cancel,
+                start,
+                finish,
+                abandon,
                 size=lambda message: message.ByteSize(),
                 shared=shared,
             ):
