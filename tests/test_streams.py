@@ -138,7 +138,12 @@ def test_a_release_into_a_full_budget_wakes_only_its_own_stream() -> None:
 ELEMENTS = 1 << 17
 #: Streams one connection opens, and the messages each offers (more than it may hold).
 STREAMS_PER_CONNECTION = 4
-OFFERED = 12
+#: Messages each stream offers (2 MiB each). As with LOCAL_OFFERED below: a stream's
+#: bytes count until answered, and answers (1 MiB each) go on being written until the
+#: unread connection's flow-control windows are full; with 12 messages the KServe V2
+#: stream had 8 answered first once, leaving 8 MiB of its 16 MiB bound. 24 leave
+#: enough either way.
+OFFERED = 24
 
 
 def gauges(port: int) -> dict[str, float]:
