@@ -419,9 +419,14 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _respond(
         self, message: pb.ModelInferRequest, time_remaining: float | None
     ) -> pb.ModelInferResponse:
+        return encode_response(await self.dataplane.infer(self._request(message, time_remaining)))
+
+    def _request(
+        self, message: pb.ModelInferRequest, time_remaining: float | None
+    ) -> InferenceRequest:
+        """The data plane's request for ``message``, decoded against the serving version."""
         loaded = self.dataplane.serving(message.model_name, message.model_version)
-        request = decode_request(message, loaded.config, time_remaining)
-        return encode_response(await self.dataplane.infer(request))
+        return decode_request(message, loaded.config, time_remaining)
 
     # -- health and metadata -----------------------------------------------------
 
@@ -496,8 +501,7 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         def start(message: pb.ModelInferRequest) -> _StreamMessage:
             try:
-                loaded = self.dataplane.serving(message.model_name, message.model_version)
-                request = decode_request(message, loaded.config, context.time_remaining())
+                request = self._request(message, context.time_remaining())
                 return _StreamMessage(message, self.dataplane.start(request))
             except Exception as error:
                 return _StreamMessage(message, error)
