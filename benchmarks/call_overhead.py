@@ -1,7 +1,7 @@
 """The daemon's own Python per call, without gRPC: what the inline server does not pay.
 
-One event loop, the benchmark MLP (``serve_bench``), batch 1, one call at a
-time. Side by side in one run, alternating rounds:
+One event loop, the benchmark MLP (``serve_bench``), batch 1 (``--rows`` for
+more), one call at a time. Side by side in one run, alternating rounds:
 
 - ``pass only``: the TorchScript module called on a tensor (what every server pays);
 - ``inline server``: parse a KServe V2 request, run the module, build the answer
@@ -61,8 +61,8 @@ from edgeinferd.repository import Repository
 FEATURES = 1000
 
 
-def request_bytes() -> bytes:
-    x = np.random.default_rng(0).standard_normal((1, FEATURES), dtype=np.float32)
+def request_bytes(rows: int) -> bytes:
+    x = np.random.default_rng(0).standard_normal((rows, FEATURES), dtype=np.float32)
     message = pb.ModelInferRequest(model_name="mlp")
     message.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
     message.raw_input_contents.append(x.tobytes())
@@ -79,7 +79,9 @@ class Context:
         return "unix:"
 
 
-async def main(calls: int, rounds: int, profile: bool, count: int | None, only: str) -> None:
+async def main(
+    calls: int, rounds: int, profile: bool, count: int | None, only: str, rows: int
+) -> None:
     torch.set_num_threads(1)
     configure_logging("info", "json", io.StringIO())  # as the daemon runs by default
     work = Path(tempfile.mkdtemp())
@@ -89,11 +91,11 @@ async def main(calls: int, rounds: int, profile: bool, count: int | None, only: 
     await models.load_all()
     servicer = GRPCInferenceServicer(DataPlane(models))
     module = torch.jit.load(str(work / "repo" / "mlp" / "1" / "model.pt")).eval()
-    data = request_bytes()
+    data = request_bytes(rows)
     context: Any = Context()
 
     def pass_only() -> None:
-        x = torch.from_numpy(np.ones((1, FEATURES), np.float32))
+        x = torch.from_numpy(np.ones((rows, FEATURES), np.float32))
         with torch.inference_mode():
             module(x)
 
@@ -145,7 +147,8 @@ async def main(calls: int, rounds: int, profile: bool, count: int | None, only: 
         for kind in order:
             results[kind].append(await timed(kind))
     medians = {kind: statistics.median(values) for kind, values in results.items()}
-    print(f"{calls} calls x {rounds} rounds, batch 1, one call at a time (us per call, median):")
+    print(f"{calls} calls x {rounds} rounds, batch {rows}, one call at a time", end=" ")
+    print("(us per call, median):")
     for kind in kinds:
         spread = f"{min(results[kind]):.1f}-{max(results[kind]):.1f}"
         print(f"  {kind:14s} {medians[kind]:8.1f}   ({spread})")
@@ -170,5 +173,6 @@ if __name__ == "__main__":
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--count", type=int, help="run exactly N calls of --only, print nothing")
     parser.add_argument("--only", choices=["pass", "inline", "edgeinfer"], default="edgeinfer")
+    parser.add_argument("--rows", type=int, default=1, help="rows per call (the model takes 32)")
     args = parser.parse_args()
-    asyncio.run(main(args.calls, args.rounds, args.profile, args.count, args.only))
+    asyncio.run(main(args.calls, args.rounds, args.profile, args.count, args.only, args.rows))

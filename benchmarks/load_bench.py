@@ -215,10 +215,39 @@ def run_perf_analyzer(
     }
 
 
+def daemon_passes(target: Target) -> tuple[int, int, int] | None:
+    """The daemon's forward passes of ``target``'s model so far: (passes, inline, rows).
+    None for another server (GetStats is edgeinfer's own RPC)."""
+    if target.pid not in _DAEMON_PIDS:
+        return None
+    import edgeinfer
+
+    with edgeinfer.Client(target.address, timeout=10) as client:
+        for model in client.get_stats().models:
+            if model.model == target.model and model.state == "READY":
+                return model.batches, model.inline_passes, model.batched_rows
+    return 0, 0, 0  # not called yet
+
+
+def passes_between(
+    before: tuple[int, int, int] | None, after: tuple[int, int, int] | None
+) -> dict[str, float]:
+    """What the daemon's passes were during one perf_analyzer run (its warm-up included)."""
+    if before is None or after is None:
+        return {}
+    passes, inline, rows = (b - a for a, b in zip(before, after, strict=True))
+    return {"passes": passes, "inline_passes": inline, "pass_rows": rows} if passes else {}
+
+
+#: The daemons' process ids (their models answer GetStats).
+_DAEMON_PIDS: set[int] = set()
+
+
 def start_servers(repo: Path, workdir: Path, stack: contextlib.ExitStack) -> dict[str, Target]:
     daemon_socket = workdir / "daemon.sock"
     daemon = sb.Process("daemon", sb.daemon_command(repo, daemon_socket), workdir, daemon_socket)
     stack.callback(daemon.stop)
+    _DAEMON_PIDS.add(daemon.pid)
     inline_socket = workdir / "inline.sock"
     inline = sb.Process(
         "inline",
@@ -589,7 +618,9 @@ def measure(
                     if "--streaming" in args and not target.streams:
                         continue
                     sb.log(f"round {round_ + 1}: {label} on {server}")
+                    before = daemon_passes(target)
                     cell = run_perf_analyzer(target, args, rows, seconds, workdir)
+                    cell.update(passes_between(before, daemon_passes(target)))
                     cell["rows"] = rows
                     best = cells.setdefault(label, {}).get(server)
                     if best is None or cell["inferences_per_s"] > best["inferences_per_s"]:
@@ -653,9 +684,10 @@ def render(data: dict[str, Any]) -> str:
         f" ({data['rounds']} round(s) of {data['window_s']:g} s windows, best round per cell;"
         f" code at commit {data['source'].get('commit', '?')})." + how,
         "",
-        "| scenario (callers x batch) | edgeinfer | p50 / p99 ms | CPU % | always a thread"
-        " | inline server | edgeinfer / inline | raw PyTorch, 1 thread | " + peer_head,
-        "|---|--:|--:|--:|--:|--:|--:|--:|" + peer_rule,
+        "| scenario (callers x batch) | edgeinfer | p50 / p99 ms | CPU % | its passes: rows"
+        " each, on the loop | always a thread | inline server | edgeinfer / inline"
+        " | raw PyTorch, 1 thread | " + peer_head,
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|" + peer_rule,
     ]
     for label, args, rows in SCENARIOS:
         if label not in data["cells"]:
@@ -671,6 +703,7 @@ def render(data: dict[str, Any]) -> str:
             f"{rate:,.0f}",
             f"{ours['p50_us'] / 1000:.2f} / {ours['p99_us'] / 1000:.2f}",
             f"{ours['server_cpu_percent']:.0f}",
+            _passes(ours),
             f"{hop['inferences_per_s']:,.0f}",
             f"{inline['inferences_per_s']:,.0f}",
             f"{rate / inline['inferences_per_s']:.2f}x",
@@ -701,6 +734,14 @@ def render(data: dict[str, Any]) -> str:
     if peers:
         lines += ["", render_peers(data)]
     return "\n".join(lines)
+
+
+def _passes(cell: Cell) -> str:
+    """Rows a forward pass and the share of passes run on the event loop, as "5.2, 0%"."""
+    if not cell.get("passes"):
+        return "-"  # a results file from before these were counted
+    rows, inline = cell["pass_rows"] / cell["passes"], cell["inline_passes"] / cell["passes"]
+    return f"{rows:.1f}, {inline:.0%}"
 
 
 def render_peers(data: dict[str, Any]) -> str:
