@@ -12,9 +12,10 @@ of ``raw_input_contents`` with ``inputs``, and typed ``contents`` fields.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple, Never, TypeAlias
+from typing import TYPE_CHECKING, Any, Never, TypeAlias
 
 import grpc
 import numpy as np
@@ -38,14 +39,13 @@ from edgeinferd.dataplane import (
     DataPlane,
     InferenceRequest,
     InferenceResponse,
-    PendingInference,
     monotonic_deadline,
 )
 from edgeinferd.errors import EdgeInferError, InvalidInput
 from edgeinferd.metrics import Metrics
 from edgeinferd.models import LoadedVersion, ModelEntry, ModelState
 from edgeinferd.protocol.status import status_for
-from edgeinferd.protocol.streams import answer_in_order
+from edgeinferd.protocol.streams import answer_inferences
 from edgeinferd.protocol.v1 import EXTRA_INPUTS, caller_of
 from edgeinferd.repository import ModelConfig
 
@@ -389,13 +389,6 @@ def index_entry(entry: ModelEntry) -> pb.RepositoryIndexResponse.ModelIndex:
 # -- the servicer --------------------------------------------------------------
 
 
-class _StreamMessage(NamedTuple):
-    """A stream message, and its queued call or why it could not be queued."""
-
-    message: pb.ModelInferRequest
-    started: PendingInference | Exception
-
-
 def stream_error(message: pb.ModelInferRequest, error: Exception) -> pb.ModelStreamInferResponse:
     """A failed stream message's answer: its error message, and its id in ``infer_response``.
 
@@ -494,42 +487,31 @@ class GRPCInferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         """Answer in request order while up to STREAM_PIPELINE_DEPTH requests run at once.
 
         Each message is decoded and queued as it arrives and answered in order, with no
-        task per message (as edgeinfer.v1's streams). A failed request is answered with
-        its error message (and its id in ``infer_response``); the stream stays open for
-        the next one.
+        task per message (``protocol.streams.answer_inferences``, as for edgeinfer.v1).
+        A failed request is answered with its error message (and its id in
+        ``infer_response``); the stream stays open for the next one.
         """
 
-        def start(message: pb.ModelInferRequest) -> _StreamMessage:
-            try:
-                request = self._request(message, context.time_remaining())
-                return _StreamMessage(message, self.dataplane.start(request))
-            except Exception as error:
-                return _StreamMessage(message, error)
+        def decode(message: pb.ModelInferRequest) -> InferenceRequest:
+            return self._request(message, context.time_remaining())
 
-        async def finish(item: _StreamMessage) -> pb.ModelStreamInferResponse:
-            message, started = item
-            try:
-                if isinstance(started, Exception):
-                    raise started
-                response = encode_response(await self.dataplane.complete(started))
-                return pb.ModelStreamInferResponse(infer_response=response)
-            except Exception as error:
-                return stream_error(message, error)
+        def answer(
+            message: pb.ModelInferRequest, result: InferenceResponse
+        ) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(infer_response=encode_response(result))
 
-        def abandon(item: _StreamMessage) -> None:
-            if isinstance(item.started, PendingInference):
-                self.dataplane.abandon(item.started)
-
-        with self.dataplane.stream_budgets.stream(connection_of(context.peer())) as shared:
-            async for answer in answer_in_order(
-                request_iterator,
-                start,
-                finish,
-                abandon,
-                size=lambda message: message.ByteSize(),
-                shared=shared,
-            ):
-                yield answer
+        replies = answer_inferences(
+            request_iterator,
+            self.dataplane,
+            connection_of(context.peer()),
+            decode,
+            answer,
+            stream_error,
+            size=lambda message: message.ByteSize(),
+        )
+        async with contextlib.aclosing(replies):
+            async for reply in replies:
+                yield reply
 
     # -- model repository ----------------------------------------------------------
 

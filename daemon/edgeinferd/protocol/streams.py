@@ -13,11 +13,13 @@ share of a stream message is what limits a small model's message rate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from edgeinferd.budgets import ByteBudget
+from edgeinferd.dataplane import DataPlane, InferenceRequest, InferenceResponse, PendingInference
 
 Request = TypeVar("Request")
 Started = TypeVar("Started")
@@ -48,7 +50,7 @@ async def answer_in_order(
     size: Callable[[Request], int] | None = None,
     max_bytes: int = STREAM_PIPELINE_BYTES,
     shared: ByteBudget | None = None,
-) -> AsyncIterator[Answer]:
+) -> AsyncGenerator[Answer, None]:
     """Yield ``await finish(start(message))`` for each message, in order, ``depth`` ahead.
 
     ``start`` runs as each message arrives; it must not block or raise (a bad
@@ -136,3 +138,48 @@ async def answer_in_order(
             leftover = pending.get_nowait()
             if not isinstance(leftover, _End):
                 abandon(leftover[0])
+
+
+async def answer_inferences(
+    requests: AsyncIterator[Request],
+    dataplane: DataPlane,
+    connection: str,
+    decode: Callable[[Request], InferenceRequest],
+    answer: Callable[[Request, InferenceResponse], Answer],
+    fail: Callable[[Request, Exception], Answer],
+    size: Callable[[Request], int],
+) -> AsyncGenerator[Answer, None]:
+    """An inference stream of any protocol: each message decoded and queued on the data
+    plane as it arrives, answered in order (``answer``), or with its error (``fail``) while
+    the stream stays open; the stream's bytes count in ``connection``'s shared budget.
+
+    The protocol adapters give only their conversions; starting, collecting and
+    abandoning calls is the same for every protocol, so it is written once, here. An
+    adapter closes this generator when its own is closed (``contextlib.aclosing``), so
+    that a caller going away abandons its calls at once, not when garbage is collected.
+    """
+
+    def start(message: Request) -> tuple[Request, PendingInference | Exception]:
+        try:
+            return message, dataplane.start(decode(message))
+        except Exception as error:  # answered in turn by finish, as the message's error
+            return message, error
+
+    async def finish(item: tuple[Request, PendingInference | Exception]) -> Answer:
+        message, started = item
+        try:
+            if isinstance(started, Exception):
+                raise started
+            return answer(message, await dataplane.complete(started))
+        except Exception as error:
+            return fail(message, error)
+
+    def abandon(item: tuple[Request, PendingInference | Exception]) -> None:
+        if isinstance(item[1], PendingInference):
+            dataplane.abandon(item[1])
+
+    with dataplane.stream_budgets.stream(connection) as shared:
+        replies = answer_in_order(requests, start, finish, abandon, size=size, shared=shared)
+        async with contextlib.aclosing(replies):  # abandoned now, not when collected
+            async for reply in replies:
+                yield reply

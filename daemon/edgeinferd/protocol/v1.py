@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 import numpy as np
@@ -28,7 +28,6 @@ from edgeinferd.dataplane import (
     GenerationRequest,
     InferenceRequest,
     InferenceResponse,
-    PendingInference,
     monotonic_deadline,
 )
 from edgeinferd.errors import InvalidInput
@@ -39,7 +38,7 @@ from edgeinferd.metrics import resident_memory_bytes
 from edgeinferd.models import ModelEntry
 from edgeinferd.peers import TOKEN_METADATA, PeerTokens
 from edgeinferd.protocol.status import status_for
-from edgeinferd.protocol.streams import answer_in_order
+from edgeinferd.protocol.streams import answer_inferences
 from edgeinferd.shm import SharedMemoryRegistry
 
 #: Tensors beyond the model's inputs that are still decoded one by one, so that the
@@ -230,13 +229,6 @@ def stats_message(dataplane: DataPlane) -> pb.Stats:
     return stats
 
 
-class _StreamMessage(NamedTuple):
-    """A stream message, and its queued call or why it could not be queued."""
-
-    message: pb.PredictRequest
-    started: PendingInference | Exception
-
-
 def caller_of(context: grpc.aio.ServicerContext[Any, Any], peers: PeerTokens) -> Caller:
     """Who is calling: the transport, and for Unix-socket callers with a token, the uid."""
     via_unix = context.peer().startswith("unix:")
@@ -310,41 +302,39 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """Answer in request order while up to STREAM_PIPELINE_DEPTH messages run at once."""
         caller = self._caller(context)
 
-        def start(message: pb.PredictRequest) -> _StreamMessage:
-            try:
-                request = decode_request(
-                    message,
-                    context.time_remaining(),
-                    self.dataplane.shared_memory,
-                    caller,
-                    self._input_count(message),
-                )
-                return _StreamMessage(message, self.dataplane.start(request))
-            except Exception as error:
-                return _StreamMessage(message, error)
+        def decode(message: pb.PredictRequest) -> InferenceRequest:
+            return decode_request(
+                message,
+                context.time_remaining(),
+                self.dataplane.shared_memory,
+                caller,
+                self._input_count(message),
+            )
 
-        async def finish(item: _StreamMessage) -> pb.PredictStreamResponse:
-            message, started = item
-            try:
-                if isinstance(started, Exception):
-                    raise started
-                response = self._encode(message, await self.dataplane.complete(started), caller)
-                return pb.PredictStreamResponse(id=message.id, response=response)
-            except Exception as error:
-                code, text = status_for(error, message.id)
-                return pb.PredictStreamResponse(
-                    id=message.id, error=pb.Error(code=code.value[0], message=text)
-                )
+        def answer(
+            message: pb.PredictRequest, result: InferenceResponse
+        ) -> pb.PredictStreamResponse:
+            response = self._encode(message, result, caller)
+            return pb.PredictStreamResponse(id=message.id, response=response)
 
-        def abandon(item: _StreamMessage) -> None:
-            if isinstance(item.started, PendingInference):
-                self.dataplane.abandon(item.started)
+        def fail(message: pb.PredictRequest, error: Exception) -> pb.PredictStreamResponse:
+            code, text = status_for(error, message.id)
+            return pb.PredictStreamResponse(
+                id=message.id, error=pb.Error(code=code.value[0], message=text)
+            )
 
-        with self.dataplane.stream_budgets.stream(connection_of(context.peer())) as shared:
-            async for answer in answer_in_order(
-                request_iterator, start, finish, abandon, size=message_bytes, shared=shared
-            ):
-                yield answer
+        replies = answer_inferences(
+            request_iterator,
+            self.dataplane,
+            connection_of(context.peer()),
+            decode,
+            answer,
+            fail,
+            size=message_bytes,
+        )
+        async with contextlib.aclosing(replies):
+            async for reply in replies:
+                yield reply
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
