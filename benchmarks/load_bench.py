@@ -170,6 +170,7 @@ class Target:
     kind: str = "kserve"  # or "torchserve"
     streams: bool = True
     inputs: Path | None = None  # torchserve: where ts-input-{rows}.json lie
+    daemon: bool = False  # edgeinfer's own: its passes are counted (GetStats)
 
 
 def run_perf_analyzer(
@@ -218,7 +219,7 @@ def run_perf_analyzer(
 def daemon_passes(target: Target) -> tuple[int, int, int] | None:
     """The daemon's forward passes of ``target``'s model so far: (passes, inline, rows).
     None for another server (GetStats is edgeinfer's own RPC)."""
-    if target.pid not in _DAEMON_PIDS:
+    if not target.daemon:
         return None
     import edgeinfer
 
@@ -239,15 +240,10 @@ def passes_between(
     return {"passes": passes, "inline_passes": inline, "pass_rows": rows} if passes else {}
 
 
-#: The daemons' process ids (their models answer GetStats).
-_DAEMON_PIDS: set[int] = set()
-
-
 def start_servers(repo: Path, workdir: Path, stack: contextlib.ExitStack) -> dict[str, Target]:
     daemon_socket = workdir / "daemon.sock"
     daemon = sb.Process("daemon", sb.daemon_command(repo, daemon_socket), workdir, daemon_socket)
     stack.callback(daemon.stop)
-    _DAEMON_PIDS.add(daemon.pid)
     inline_socket = workdir / "inline.sock"
     inline = sb.Process(
         "inline",
@@ -263,8 +259,10 @@ def start_servers(repo: Path, workdir: Path, stack: contextlib.ExitStack) -> dic
     while not inline_socket.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     return {
-        "edgeinfer": Target("mlp", daemon.pid, f"unix:{daemon_socket}"),
-        "edgeinfer, always a thread": Target("mlp-hop", daemon.pid, f"unix:{daemon_socket}"),
+        "edgeinfer": Target("mlp", daemon.pid, f"unix:{daemon_socket}", daemon=True),
+        "edgeinfer, always a thread": Target(
+            "mlp-hop", daemon.pid, f"unix:{daemon_socket}", daemon=True
+        ),
         "inline server": Target("mlp", inline.pid, f"unix:{inline_socket}"),
     }
 
