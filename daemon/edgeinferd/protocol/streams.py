@@ -156,7 +156,8 @@ async def answer_inferences(
     The protocol adapters give only their conversions; starting, collecting and
     abandoning calls is the same for every protocol, so it is written once, here. An
     adapter closes this generator when its own is closed (``contextlib.aclosing``), so
-    that a caller going away abandons its calls at once, not when garbage is collected.
+    that a departed caller's calls are abandoned within that close, not later in a task
+    that asyncio's finalizer hook schedules for an unclosed generator.
     """
 
     def start(message: Request) -> tuple[Request, PendingInference | Exception]:
@@ -180,6 +181,6 @@ async def answer_inferences(
 
     with dataplane.stream_budgets.stream(connection) as shared:
         replies = answer_in_order(requests, start, finish, abandon, size=size, shared=shared)
-        async with contextlib.aclosing(replies):  # abandoned now, not when collected
+        async with contextlib.aclosing(replies):
             async for reply in replies:
                 yield reply
