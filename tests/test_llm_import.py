@@ -118,3 +118,24 @@ def test_sampling_filters_match_transformers_logits_processors() -> None:
     generator = torch.Generator().manual_seed(1)
     drawn = {sample(logits, params, generator) for _ in range(3000)}
     assert drawn == set(torch.nonzero(kept).flatten().tolist())
+
+
+@pytest.mark.parametrize("inner", [100, 104, 576])
+def test_int8_matrices_of_any_width_multiply_many_rows(inner: int) -> None:
+    """The int8 kernel crashed the process (torch 2.13, AVX-512 CPU) for several rows when
+    a matrix's inner dimension was not a multiple of 16, as in the tiny test models: the
+    matrix pads it with zeros, and products and embedding rows stay those of the weights."""
+    from edgeinferd.generation.quantize import Int8Matrix
+
+    codes = torch.randint(
+        -127, 128, (64, inner), dtype=torch.int8, generator=torch.Generator().manual_seed(0)
+    )
+    scale = torch.rand(64, generator=torch.Generator().manual_seed(1)) / 100
+    matrix = Int8Matrix(codes, scale)
+    assert matrix.codes.shape[1] % 16 == 0  # what the kernel is given
+    weights = codes.to(torch.float32) * scale[:, None]
+    x = torch.randn(3, 5, inner, generator=torch.Generator().manual_seed(2))
+    # bf16 activations inside the kernel: close to the fp32 product, not equal.
+    torch.testing.assert_close(matrix.matmul(x), x @ weights.T, atol=0.05, rtol=0.02)
+    ids = torch.tensor([[0, 7, 63]])
+    assert torch.equal(matrix.rows(ids), weights[ids])

@@ -84,21 +84,33 @@ class DenseMatrix(Matrix):
         return self.weight.numel() * 4
 
 
+#: The int8 kernel's inner dimension is padded with zero columns to a multiple of this:
+#: ``aten._weight_int8pack_mm`` in bf16 crashes the process (SIGSEGV, torch 2.13 on an
+#: AVX-512 CPU) for two rows or more when it is not one, e.g. 100 or 104 columns. Zero
+#: weights times zero activations leave every product as it was.
+INT8_INNER_MULTIPLE = 16
+
+
 class Int8Matrix(Matrix):
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
-        self.codes = codes.contiguous()
+        self.out_features, self.in_features = codes.shape
+        self._pad = -self.in_features % INT8_INNER_MULTIPLE
+        #: [out, in + pad]: the kernel's operand, and the embedding rows' (sliced) source.
+        self.codes = functional.pad(codes, (0, self._pad)).contiguous()
         self.scale = scale.to(torch.float32).contiguous()
         self._kernel_scale = self.scale.to(KERNEL_DTYPE)
-        self.out_features, self.in_features = self.codes.shape
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
+        if self._pad:
+            flat = functional.pad(flat, (0, self._pad))
         out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self._kernel_scale)
         return out.to(torch.float32).reshape(*shape[:-1], self.out_features)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.codes[ids].to(torch.float32) * self.scale[ids].unsqueeze(-1)
+        codes = self.codes[ids, : self.in_features]
+        return codes.to(torch.float32) * self.scale[ids].unsqueeze(-1)
 
     def nbytes(self) -> int:
         return self.codes.numel() + self.scale.numel() * 4
