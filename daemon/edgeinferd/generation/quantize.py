@@ -96,6 +96,9 @@ class Int8Matrix(Matrix):
         self.out_features, self.in_features = codes.shape
         self._pad = -self.in_features % INT8_INNER_MULTIPLE
         #: [out, in + pad]: the kernel's operand, and the embedding rows' (sliced) source.
+        #: Always a copy, even by zero columns: given the loaded tensor itself instead,
+        #: the kernel crashed the same way for the tiny test models (cause not settled;
+        #: the loaded storage's alignment is a guess).
         self.codes = functional.pad(codes, (0, self._pad)).contiguous()
         self.scale = scale.to(torch.float32).contiguous()
         self._kernel_scale = self.scale.to(KERNEL_DTYPE)
